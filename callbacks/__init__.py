@@ -1,0 +1,5 @@
+"""ftframe's Lightning callbacks (installed as ``ftframe.callbacks``; import them from there)."""
+
+from ftframe.callbacks.adapter_export import AdapterExport
+
+__all__ = ["AdapterExport"]

@@ -1,0 +1,80 @@
+"""Write the trained adapter when ``fit`` ends, in the folder format ``peft.PeftModel.from_pretrained`` loads.
+
+The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a full model folder for full
+fine-tuning), the tokenizer, the resolved run config (``config.yaml``, as written by LightningCLI) and
+``ftframe.json`` (method, base model, step, last metrics). It is written to a temporary sibling folder and renamed
+into place, so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["AdapterExport"]
+
+
+class AdapterExport(Callback):
+    """Save the trained weights (adapter-only for peft methods) at the end of ``fit``.
+
+    Args:
+        dirpath: Output folder; ``None`` = ``<trainer.log_dir>/adapter``.
+        save_on_fit_end: Write the folder when ``fit`` ends (set ``false`` to skip).
+
+    Example:
+        ``ftframe fit --config configs/quickstart.yaml --adapter.dirpath out/gsm8k-lora``
+    """
+
+    def __init__(self, dirpath: str | None = None, save_on_fit_end: bool = True) -> None:
+        self.dirpath = dirpath
+        self.save_on_fit_end = save_on_fit_end
+        self.last_path: Path | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_on_fit_end:
+            self.export(trainer, pl_module)
+
+    def resolve_dir(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
+
+    def export(self, trainer: Trainer, pl_module: LightningModule, dirpath: str | Path | None = None) -> Path:
+        """Write the folder now (rank 0 writes; all ranks return the path)."""
+        out = Path(dirpath) if dirpath else self.resolve_dir(trainer)
+        if trainer.is_global_zero:
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            pl_module.save_trained(tmp)  # type: ignore[operator]
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+            if config.is_file():
+                shutil.copy(config, tmp / "config.yaml")
+            (tmp / "ftframe.json").write_text(json.dumps(self._metadata(trainer, pl_module), indent=2))
+            old = out.with_name(out.name + ".old")
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+            rank_zero_info(f"[ftframe] adapter written to {out}")
+        trainer.strategy.barrier("ftframe_adapter_export")
+        self.last_path = out
+        return out
+
+    @staticmethod
+    def _metadata(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        cls = type(pl_module)
+        return {
+            "method": f"{cls.__module__}.{cls.__qualname__}",
+            "model_name": getattr(pl_module, "model_name", None),
+            "global_step": trainer.global_step,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }

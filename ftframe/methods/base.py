@@ -1,0 +1,229 @@
+"""``FineTuneModule``: the one base class every adaptation method subclasses.
+
+It owns the Lightning plumbing (building the model in ``configure_model``, the optimizer and LR schedule, logging,
+trainable-only checkpoints, saving the trained weights) so that a method is a handful of lines. See
+``docs/methods.md`` for a worked example of adding one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, final
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+
+from ftframe.errors import UserError
+from ftframe.models import DTypeName, load_model, load_tokenizer
+from ftframe.tasks import CausalLM, Task
+
+__all__ = ["DEFAULT_MODEL", "FineTuneModule"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class FineTuneModule(LightningModule):
+    """Base of all fine-tuning methods.
+
+    Subclasses override one or more of these hooks (and nothing else):
+
+    * :meth:`peft_config` -- return a ``peft`` config; the base applies it with ``get_peft_model``
+      (most methods need only this: see ``LoRA``).
+    * :meth:`adapt` -- transform the loaded model yourself (methods ``peft`` lacks; the default applies
+      :meth:`peft_config` or, when that is ``None``, trains every parameter).
+    * :meth:`load_base_model` -- change how the frozen base is loaded (``QLoRA``: 4-bit NF4 via bitsandbytes).
+    * :meth:`save_trained` -- change what is written as the trained artifact (default: the peft adapter folder,
+      or the whole model when no peft config is used).
+
+    Trainable parameters are whatever has ``requires_grad`` after :meth:`adapt`; checkpoints hold only those (plus
+    optimizer and loop state), never the frozen base.
+
+    Args:
+        model_name: Base model: an asset name (see ``ftframe download``), a local Hugging Face folder, a ``.gguf``
+            file, or a hub id. The data module's tokenizer is linked to this value by the CLI.
+        task: What is learned; defaults to causal-LM instruction tuning (loss on response tokens only).
+        dtype: Storage dtype of the base weights. Use ``precision: bf16-mixed`` on the Trainer for mixed precision.
+        learning_rate: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to matrices only (biases and norm weights are excluded).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up length: optimizer steps if >= 1, else a fraction of all training steps.
+        lr_schedule: Shape of the LR after warm-up.
+        min_lr_ratio: Final LR as a fraction of the peak for the cosine schedule.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory (slower).
+    """
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        task: Task | None = None,
+        dtype: DTypeName = "float32",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: float = 0.0,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise UserError(f"learning_rate must be > 0, got {learning_rate}")
+        if warmup_steps < 0:
+            raise UserError(f"warmup_steps must be >= 0 (steps, or a fraction < 1 of all steps), got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters(ignore=["task"])
+        self.model_name = model_name
+        self.task = task if task is not None else CausalLM()
+        self.dtype_name = dtype
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.gradient_checkpointing = gradient_checkpointing
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        # Checkpoints hold trainable weights only, so loading them must not demand the frozen base.
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def peft_config(self) -> Any:
+        """Return a ``peft`` config to apply to the base model, or ``None`` to train the model as loaded."""
+        return None
+
+    def load_base_model(self) -> torch.nn.Module:
+        """Load the base model for :attr:`task` from :attr:`model_name` (override to quantize or otherwise change it)."""
+        return load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name)
+
+    def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Turn the loaded base into the trainable model. Default: apply :meth:`peft_config` if it is not ``None``."""
+        config = self.peft_config()
+        if config is None:
+            return model
+        from peft import get_peft_model
+
+        _check_target_modules(model, config, type(self).__name__)
+        config.base_model_name_or_path = self.model_name
+        if getattr(config, "task_type", None) is None and self.task.peft_task_type:
+            config.task_type = self.task.peft_task_type
+        return get_peft_model(model, config)
+
+    def save_trained(self, directory: str | Path) -> None:
+        """Write what training produced: a ``peft`` adapter folder, or the whole model if no peft config is used."""
+        assert self.model is not None, "configure_model() has not run"
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+
+    # ------------------------------------------------------------------ plumbing
+    @final
+    def configure_model(self) -> None:
+        if self.model is not None:  # fit -> validate reuse the same model; Lightning may call this more than once
+            return
+        self.tokenizer = load_tokenizer(self.model_name)
+        model = self.load_base_model()
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        model = self.adapt(model)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        self.model = model
+        trainable, total = self.parameter_counts()
+        if trainable == 0:
+            raise UserError(f"{type(self).__name__} left no trainable parameters; check its options")
+        self.print(f"[ftframe] {type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
+                   f"({100 * trainable / total:.3f}%)")
+
+    @final
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the built model."""
+        assert self.model is not None
+        params = {id(p): p for p in self.model.parameters()}.values()  # tied weights counted once
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    @final
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters, keyed as in ``self.state_dict()``."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        assert self.model is not None
+        return self.model(**batch)
+
+    @final
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        assert self.model is not None
+        loss, n_tokens = self.task.loss(self.model, batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        return loss
+
+    @final
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        assert self.model is not None
+        loss, n_tokens = self.task.loss(self.model, batch)
+        self.val_loss.update(loss, weight=n_tokens)  # token-weighted mean over the whole set
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
+
+    @final
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        assert self.model is not None
+        loss, n_tokens = self.task.loss(self.model, batch)
+        self.val_loss.update(loss, weight=n_tokens)
+        self.log("test/loss", self.val_loss, on_step=False, on_epoch=True)
+
+    @final
+    def configure_optimizers(self) -> Any:
+        from transformers import get_scheduler
+
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                # biases and norm scales are vectors; decaying them hurts and is conventionally skipped
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.learning_rate, betas=self.betas)
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 0
+        warmup = int(self.warmup_steps) if self.warmup_steps >= 1 else int(self.warmup_steps * total)
+        if self.lr_schedule == "cosine":
+            name, extra = "cosine_with_min_lr", {"min_lr_rate": self.min_lr_ratio}
+        elif self.lr_schedule == "linear":
+            name, extra = "linear", {}
+        else:
+            name, extra = "constant_with_warmup", {}
+        if total == 0 and name != "constant_with_warmup":
+            raise UserError(f"lr_schedule={self.lr_schedule!r} needs a known number of steps: set trainer.max_steps "
+                            "or trainer.max_epochs, or use lr_schedule: constant")
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1),
+                                  scheduler_specific_kwargs=extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @final
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # keep trainable weights only: the frozen base is reloaded from model_name on resume
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+
+def _check_target_modules(model: torch.nn.Module, config: Any, method: str) -> None:
+    """Fail early, naming the valid choices, when a peft config targets modules the model does not have."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None or isinstance(targets, str):  # None: peft's per-architecture default; str: regex/"all-linear"
+        return
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = sorted(t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules()))
+    if missing:
+        raise UserError(f"{method}: target_modules {missing} not found in {type(model).__name__}. Linear modules of "
+                        f"this model: {linear}; or use target_modules: all-linear")
