@@ -79,7 +79,7 @@ class Generator:
 
 
 def generate(
-    prompt: list[str] | None = None,
+    prompt: str | list[str] | None = None,
     adapter: str | None = None,
     model: str | None = None,
     prompts_file: str | None = None,
@@ -93,7 +93,7 @@ def generate(
     """Answer prompts with a base model plus a saved adapter.
 
     Args:
-        prompt: Prompt(s) to answer; repeat the flag for several. With none and no prompts_file, read stdin lines.
+        prompt: Prompt to answer, or a list (``--prompt '[a, b]'``). With none and no prompts_file, read stdin lines.
         adapter: Folder written by ``ftframe fit`` (``<log_dir>/adapter``); omit to use the base model alone.
         model: Base model (asset name, folder, .gguf, hub id); default: the base recorded in the adapter.
         prompts_file: Text file with one prompt per line, or JSONL with a ``prompt`` field per line.
@@ -105,7 +105,7 @@ def generate(
         seed: Random seed (for sampling).
     """
     torch.manual_seed(seed)
-    prompts = list(prompt or [])
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():

@@ -96,7 +96,9 @@ def load_tokenizer(name: str, padding_side: Literal["left", "right"] = "right") 
     """Load the tokenizer that belongs to model ``name``; sets a pad token when the tokenizer has none."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_model(name)
+    folder = Path(name).expanduser()
+    # an adapter folder carries its tokenizer but no model config
+    resolved = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(resolved)
     except OSError as e:

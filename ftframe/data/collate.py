@@ -68,7 +68,6 @@ class ResumableSampler(Sampler[int]):
 
     def resume_from(self, epoch: int, consumed: int) -> None:
         self._resume = (epoch, consumed)
-        self.epoch = epoch  # so len() is right before Lightning calls set_epoch
 
     def _skip(self) -> int:
         if self._resume is not None and self._resume[0] == self.epoch:
@@ -87,4 +86,6 @@ class ResumableSampler(Sampler[int]):
         return iter(order[skip:])
 
     def __len__(self) -> int:
-        return self.length - self._skip()
+        # The full epoch length even when resuming: Lightning counts batch indices from where the epoch stopped,
+        # so it expects len() batches in total and iteration supplies only the remaining ones.
+        return self.length

@@ -166,7 +166,7 @@ class InstructionDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the current epoch, so a resumed run continues with the next unseen batch."""
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current

@@ -8,15 +8,19 @@ trainable-only checkpoints, saving the trained weights) so that a method is a ha
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, final
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from ftframe.errors import UserError
-from ftframe.models import DTypeName, load_model, load_tokenizer
+from ftframe.models import DTypeName, load_model, load_tokenizer, resolve_model
 from ftframe.tasks import CausalLM, Task
 
 __all__ = ["DEFAULT_MODEL", "FineTuneModule"]
@@ -108,15 +112,23 @@ class FineTuneModule(LightningModule):
         from peft import get_peft_model
 
         _check_target_modules(model, config, type(self).__name__)
-        config.base_model_name_or_path = self.model_name
         if getattr(config, "task_type", None) is None and self.task.peft_task_type:
             config.task_type = self.task.peft_task_type
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        # record the name the user gave (asset, folder, hub id), not the resolved cache folder
+        for cfg in peft_model.peft_config.values():
+            cfg.base_model_name_or_path = self.model_name
+        return peft_model
 
     def save_trained(self, directory: str | Path) -> None:
         """Write what training produced: a ``peft`` adapter folder, or the whole model if no peft config is used."""
         assert self.model is not None, "configure_model() has not run"
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+        if resolve_model(self.model_name) != self.model_name:
+            # a local base (asset, folder, gguf): stop peft from looking its name up on the hub while saving
+            with _env(HF_HUB_OFFLINE="1"):
+                self.model.save_pretrained(str(directory), safe_serialization=True)
+        else:
+            self.model.save_pretrained(str(directory), safe_serialization=True)
 
     # ------------------------------------------------------------------ plumbing
     @final
@@ -136,7 +148,7 @@ class FineTuneModule(LightningModule):
         trainable, total = self.parameter_counts()
         if trainable == 0:
             raise UserError(f"{type(self).__name__} left no trainable parameters; check its options")
-        self.print(f"[ftframe] {type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
+        rank_zero_info(f"[ftframe] {type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
                    f"({100 * trainable / total:.3f}%)")
 
     @final
@@ -149,7 +161,7 @@ class FineTuneModule(LightningModule):
     @final
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable parameters, keyed as in ``self.state_dict()``."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -212,7 +224,7 @@ class FineTuneModule(LightningModule):
     @final
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # keep trainable weights only: the frozen base is reloaded from model_name on resume
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
 
 
@@ -227,3 +239,17 @@ def _check_target_modules(model: torch.nn.Module, config: Any, method: str) -> N
     if missing:
         raise UserError(f"{method}: target_modules {missing} not found in {type(model).__name__}. Linear modules of "
                         f"this model: {linear}; or use target_modules: all-linear")
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

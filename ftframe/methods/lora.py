@@ -7,7 +7,7 @@ Built on ``peft.LoraConfig``; the saved adapter loads with ``peft.PeftModel.from
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -57,7 +57,7 @@ class LoRA(FineTuneModule):
         alpha: float = 32.0,
         dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
-        bias: str = "none",
+        bias: Literal["none", "all", "lora_only"] = "none",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)

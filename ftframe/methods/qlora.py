@@ -41,7 +41,7 @@ class QLoRA(FineTuneModule):
         alpha: float = 32.0,
         dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
-        bias: str = "none",
+        bias: Literal["none", "all", "lora_only"] = "none",
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
         compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",

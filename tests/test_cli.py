@@ -1,0 +1,113 @@
+"""The ftframe command: errors as one paragraph, links, help, generate, and every shipped YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftframe.cli import FTFrameCLI, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "ftframe", *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+def test_every_config_parses_and_instantiates(path, tiny_model):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ftframe "), f"{path} must open with the command that runs it"
+    cli = FTFrameCLI(args=["--config", str(path), f"--model.init_args.model_name={tiny_model}"], run=False)
+    assert cli.datamodule.tokenizer_name == tiny_model  # the link: data tokenizer follows the model
+
+
+def test_model_name_is_linked_to_tokenizer(tiny_model):
+    cli = FTFrameCLI(args=[f"--model.model_name={tiny_model}"], run=False)
+    assert cli.model.model_name == cli.datamodule.tokenizer_name == tiny_model
+
+
+def test_help_documents_every_knob():
+    out = _run(["fit", "--help"]).stdout
+    for knob in ["--model CONFIG", "--data CONFIG", "--adapter.dirpath", "--validate_before_fit", "--trainer.max_steps"]:
+        assert knob in out, knob
+    out = _run(["fit", "--model.help", "ftframe.methods.LoRA"]).stdout
+    for knob in ["--model.r", "--model.alpha", "--model.target_modules", "--model.learning_rate",
+                 "--model.lr_schedule", "Rank of the update matrices"]:
+        assert knob in out, knob
+    out = _run(["fit", "--data.help", "ftframe.data.InstructionDataModule"]).stdout
+    for knob in ["--data.train_files", "--data.max_length", "--data.truncation", "--data.template"]:
+        assert knob in out, knob
+    gen = _run(["generate", "--help"]).stdout
+    for knob in ["--adapter", "--prompt", "--max_new_tokens", "--temperature", "Folder written by"]:
+        assert knob in gen, knob
+    assert "--names" in _run(["download", "--help"]).stdout
+
+
+def test_unknown_method_is_rejected_with_a_clear_message():
+    res = _run(["fit", "--model", "ftframe.methods.NoSuchMethod", "--print_config"])
+    assert res.returncode == 2
+    assert "NoSuchMethod" in res.stderr
+
+
+def test_user_errors_are_one_paragraph_without_traceback(tmp_path):
+    res = _run(["fit", "--model.model_name=./no/such/model", "--trainer.fast_dev_run=true",
+                f"--trainer.default_root_dir={tmp_path}"])
+    assert res.returncode == 2
+    assert "ftframe: error: model path './no/such/model' does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    res = _run(["fit", "--debug", "--model.model_name=./no/such/model", "--trainer.fast_dev_run=true",
+                f"--trainer.default_root_dir={tmp_path}"])
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_unknown_target_module_lists_valid_ones(tiny_model, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", f"--model.model_name={tiny_model}", "--model.target_modules=[qkv]",
+              f"--data.train_files={tiny_data}", f"--data.cache_dir={tmp_path}", "--trainer.fast_dev_run=true",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "target_modules ['qkv'] not found" in err and "q_proj" in err and "down_proj" in err
+
+
+def test_qlora_without_bitsandbytes(tiny_model, monkeypatch):
+    import builtins
+
+    from ftframe.errors import UserError
+    from ftframe.methods import QLoRA
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(UserError, match=r"QLoRA needs bitsandbytes: pip install"):
+        QLoRA(model_name=tiny_model).configure_model()
+
+
+def test_generate_with_saved_adapter(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}",
+          f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.max_steps=2",
+          "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={out}"])
+    capsys.readouterr()
+    main(["generate", f"--adapter={out}", "--prompt=What is one plus two?", "--max_new_tokens=5"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(">>> What is one plus two?\n")
+    from ftframe.generate import Generator
+
+    gen = Generator(adapter=str(out))  # base model read from adapter_config.json
+    answer = gen(["What is one plus two?"], max_new_tokens=5)[0]
+    assert answer in printed

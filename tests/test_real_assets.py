@@ -1,0 +1,70 @@
+"""On the real downloaded assets (``ftframe download``): SmolLM2-135M-Instruct GGUF and GSM8K. Marked slow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftframe import assets
+from tests.conftest import real_assets_available
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not real_assets_available(), reason="run `ftframe download` first (.ci/run does)"),
+]
+MODEL = "smollm2-135m-instruct"
+
+
+def test_gguf_loads_converts_and_generates():
+    from ftframe.generate import Generator
+    from ftframe.models import resolve_model
+
+    folder = resolve_model(MODEL)
+    assert (assets.cache_root() / "converted").as_posix() in folder
+    gen = Generator(model=MODEL)
+    answer = gen(["What is the capital of France?"], max_new_tokens=12)[0]
+    assert "Paris" in answer
+
+
+def test_real_chat_template_masks(tmp_path):
+    """Labels are -100 exactly on the prompt tokens of SmolLM2's own chat template; <|im_end|> is supervised."""
+    from ftframe.data import InstructionDataModule
+    from ftframe.models import load_tokenizer
+
+    recs = [json.loads(line) for line in assets.asset_path("gsm8k").read_text().splitlines()[:3]]
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    dm = InstructionDataModule(train_files=str(path), tokenizer=MODEL, val_size=0, cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    tok = load_tokenizer(MODEL)
+    for rec, ex in zip(recs, dm.train_dataset, strict=True):
+        msgs = [{"role": "user", "content": rec["prompt"]}]
+        prompt = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": rec["completion"]}],
+                                       tokenize=True, return_dict=False)
+        assert ex["input_ids"].tolist() == full
+        labels = ex["labels"].tolist()
+        assert labels[: len(prompt)] == [-100] * len(prompt)
+        supervised = [t for t in labels if t != -100]
+        assert supervised == full[len(prompt): len(full) - 1]  # everything after the prompt but the final "\n"
+        assert supervised[-1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+
+
+@pytest.mark.parametrize("method", ["LoRA", "QLoRA"])
+def test_two_step_fit_on_the_real_model(method, tmp_path):
+    from ftframe.cli import main
+
+    out = tmp_path / "adapter"
+    main(["fit", f"--model=ftframe.methods.{method}", f"--model.model_name={MODEL}", "--model.r=4",
+          "--data.train_files=gsm8k", "--data.val_size=8", "--data.batch_size=2", "--data.max_length=256",
+          "--data.max_train_examples=8", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+          "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed", "--trainer.logger=false",
+          "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+          f"--adapter.dirpath={out}"])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL
