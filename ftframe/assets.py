@@ -125,7 +125,7 @@ def asset_path(name: str) -> Path:
     path = cache_root() / "assets" / name / asset.filename
     if not path.is_file():
         raise UserError(
-            f"asset '{name}' is not downloaded yet (expected {path}). Run `ftframe download {name}` "
+            f"asset '{name}' is not downloaded yet (expected {path}). Run `ftframe download --names {name}` "
             "(or `ftframe download` for all default assets) first."
         )
     return path

@@ -95,7 +95,7 @@ def _tool(fn: Callable[..., Any], name: str) -> Callable[[list[str]], Any]:
     return run
 
 
-def _download(names: list[str] | None = None, force: bool = False) -> None:
+def _download(names: str | list[str] | None = None, force: bool = False) -> None:
     """Download offline assets (default model and datasets) into the ftframe cache.
 
     Args:
@@ -104,7 +104,7 @@ def _download(names: list[str] | None = None, force: bool = False) -> None:
     """
     from ftframe import assets
 
-    assets.download(names or assets.DEFAULT_ASSETS, force=force)
+    assets.download([names] if isinstance(names, str) else names or assets.DEFAULT_ASSETS, force=force)
 
 
 def _tools() -> dict[str, Callable[[list[str]], Any]]:

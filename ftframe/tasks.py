@@ -27,17 +27,23 @@ class Task:
         """Return ``(mean loss, weight)``; the weight (e.g. supervised tokens) makes means over batches exact."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
 
+    def predict(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
+        """Per-example predictions for ``ftframe predict``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict()")
+
 
 class CausalLM(Task):
     """Next-token prediction on supervised tokens only (labels of ``-100`` are ignored: prompt and padding).
 
     Args:
         label_smoothing: Cross-entropy label smoothing in ``[0, 1)``; 0 disables it.
+        max_new_tokens: ``predict``: maximum tokens generated per prompt (greedy decoding).
     """
 
     peft_task_type = "CAUSAL_LM"
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, max_new_tokens: int = 256) -> None:
+        self.max_new_tokens = max_new_tokens
         if not 0.0 <= label_smoothing < 1.0:
             from ftframe.errors import UserError
 
@@ -61,3 +67,20 @@ class CausalLM(Task):
             logits[keep].float(), labels[keep], reduction="sum", label_smoothing=self.label_smoothing
         )
         return loss / n_tokens.clamp(min=1), n_tokens
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
+        """Greedy answers to the prompts of a left-padded prompt-only batch, with the reference responses."""
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
+        results = []
+        for i in range(len(new)):
+            ref = batch["reference_ids"][i]
+            results.append({
+                "prompt": tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()],
+                                           skip_special_tokens=False),
+                "prediction": tokenizer.decode(new[i], skip_special_tokens=True).strip(),
+                "reference": tokenizer.decode(ref[ref != -100], skip_special_tokens=True).strip(),
+            })
+        return results

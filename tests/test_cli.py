@@ -111,3 +111,18 @@ def test_generate_with_saved_adapter(tiny_model, tiny_data, tmp_path, capsys):
     gen = Generator(adapter=str(out))  # base model read from adapter_config.json
     answer = gen(["What is one plus two?"], max_new_tokens=5)[0]
     assert answer in printed
+
+
+def test_predict_generates_answers_for_held_out_prompts(tiny_model, tiny_data, tmp_path):
+    cli = FTFrameCLI(args=[f"--model.model_name={tiny_model}", "--model.task=ftframe.tasks.CausalLM",
+                           "--model.task.max_new_tokens=4", f"--data.train_files={tiny_data}",
+                           f"--data.cache_dir={tmp_path}", "--data.val_size=5", "--data.eval_batch_size=2",
+                           "--trainer.accelerator=cpu", "--trainer.logger=false",
+                           f"--trainer.default_root_dir={tmp_path}"], run=False)
+    batches = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    results = [r for b in batches for r in b]
+    assert len(results) == 5
+    first = results[0]
+    assert first["prompt"].endswith("<|im_start|>assistant\n") and "plus" in first["prompt"]
+    assert " is " in first["reference"] and "####" in first["reference"]
+    assert isinstance(first["prediction"], str)

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["PadCollator", "ResumableSampler", "TokenDataset"]
+__all__ = ["PadCollator", "PromptCollator", "ResumableSampler", "TokenDataset"]
 
 
 class TokenDataset(Dataset):
@@ -47,6 +47,33 @@ class PadCollator:
             labels[i, :t] = e["labels"]
             attention_mask[i, :t] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class PromptCollator:
+    """Left-padded prompt-only batches for generation: each example is cut before its first supervised token.
+
+    ``reference_ids`` holds the supervised tokens (the reference response), right-padded with ``-100``.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        prompts, refs = [], []
+        for e in examples:
+            supervised = (e["labels"] != -100).nonzero()
+            cut = int(supervised[0]) if len(supervised) else len(e["labels"])
+            prompts.append(e["input_ids"][:cut])
+            refs.append(e["labels"][cut:])
+        n, t, r = len(examples), max(len(p) for p in prompts), max(len(x) for x in refs)
+        input_ids = torch.full((n, t), self.pad_token_id, dtype=torch.long)  # (B, T), padded on the left
+        attention_mask = torch.zeros((n, t), dtype=torch.long)
+        reference_ids = torch.full((n, max(r, 1)), -100, dtype=torch.long)
+        for i, (p, ref) in enumerate(zip(prompts, refs, strict=True)):
+            input_ids[i, t - len(p):] = p
+            attention_mask[i, t - len(p):] = 1
+            reference_ids[i, : len(ref)] = ref
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "reference_ids": reference_ids}
 
 
 class ResumableSampler(Sampler[int]):

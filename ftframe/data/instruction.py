@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ftframe import assets
-from ftframe.data.collate import PadCollator, ResumableSampler, TokenDataset
+from ftframe.data.collate import PadCollator, PromptCollator, ResumableSampler, TokenDataset
 from ftframe.data.readers import read_records, resolve_source
 from ftframe.data.templates import TEMPLATES, Format, detect_format, render, to_messages
 from ftframe.errors import UserError
@@ -163,6 +163,12 @@ class InstructionDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation examples as prompts (cut before the response) for generation."""
+        assert self.val_dataset is not None, "setup() has not run"
+        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=PromptCollator(self._get_tokenizer().pad_token_id), num_workers=self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the current epoch, so a resumed run continues with the next unseen batch."""

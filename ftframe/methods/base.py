@@ -192,6 +192,11 @@ class FineTuneModule(LightningModule):
         self.log("test/loss", self.val_loss, on_step=False, on_epoch=True)
 
     @final
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
+        assert self.model is not None
+        return self.task.predict(self.model, batch, self.tokenizer)
+
+    @final
     def configure_optimizers(self) -> Any:
         from transformers import get_scheduler
 
