@@ -26,18 +26,28 @@ class AdapterExport(Callback):
     Args:
         dirpath: Output folder; ``None`` = ``<trainer.log_dir>/adapter``.
         save_on_fit_end: Write the folder when ``fit`` ends (set ``false`` to skip).
+        save_on_validate: Write the folder at the end of ``ftframe validate``: with ``--ckpt_path`` this exports the
+            adapter of any saved checkpoint on demand.
 
     Example:
         ``ftframe fit --config configs/quickstart.yaml --adapter.dirpath out/gsm8k-lora``
+
+        ``ftframe validate --config runs/quickstart/config.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+        --adapter.save_on_validate true --adapter.dirpath out/step-60``
     """
 
-    def __init__(self, dirpath: str | None = None, save_on_fit_end: bool = True) -> None:
+    def __init__(self, dirpath: str | None = None, save_on_fit_end: bool = True, save_on_validate: bool = False) -> None:
         self.dirpath = dirpath
         self.save_on_fit_end = save_on_fit_end
+        self.save_on_validate = save_on_validate
         self.last_path: Path | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_fit_end:
+            self.export(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_on_validate and trainer.state.fn == "validate" and not trainer.sanity_checking:
             self.export(trainer, pl_module)
 
     def resolve_dir(self, trainer: Trainer) -> Path:

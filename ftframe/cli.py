@@ -116,8 +116,19 @@ def _tools() -> dict[str, Callable[[list[str]], Any]]:
     return {"generate": gen, "download": _tool(_download, "download")}
 
 
+def _quiet_third_party() -> None:
+    """Hide messages that are noise for ftframe users (deprecations inside libraries, optional hub kernels)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    # bitsandbytes looks for optional CPU kernels on the Hugging Face Hub; offline they are never there
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ftframe`` console script and ``python -m ftframe``."""
+    _quiet_third_party()
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FTFRAME_DEBUG") == "1"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftframe.cli import FTFrameCLI, main
 
@@ -126,3 +127,25 @@ def test_predict_generates_answers_for_held_out_prompts(tiny_model, tiny_data, t
     assert first["prompt"].endswith("<|im_start|>assistant\n") and "plus" in first["prompt"]
     assert " is " in first["reference"] and "####" in first["reference"]
     assert isinstance(first["prediction"], str)
+
+
+def test_validate_exports_the_adapter_of_a_checkpoint_on_demand(tiny_model, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    common = [f"--model.model_name={tiny_model}", "--model.r=4", f"--data.train_files={tiny_data}",
+              f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.accelerator=cpu",
+              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    main(["fit", *common, "--trainer.max_steps=3", f"--adapter.dirpath={tmp_path / 'end'}",
+          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+          f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1",
+          "--trainer.callbacks.save_top_k=-1", "--trainer.enable_checkpointing=true"])
+    ckpt = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
+    main(["validate", *common, f"--ckpt_path={ckpt}", "--adapter.save_on_validate=true",
+          f"--adapter.dirpath={tmp_path / 'step2'}"])
+    at_step2 = load_file(str(tmp_path / "step2" / "adapter_model.safetensors"))
+    at_end = load_file(str(tmp_path / "end" / "adapter_model.safetensors"))
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    key = next(k for k in at_step2 if "lora_A" in k)
+    ckpt_key = next(k for k in state if k.endswith(key.replace(".weight", ".default.weight").split("base_model.model.", 1)[1]))
+    assert torch.equal(at_step2[key], state[ckpt_key])
+    assert not torch.equal(at_step2[key], at_end[key])  # step 2 differs from the final adapter (step 3)
