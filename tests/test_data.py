@@ -175,3 +175,17 @@ def test_non_utf8_and_bom(tiny_model, tmp_path, cache_dir):
     dm = _dm(tiny_model, str(p2), cache_dir)
     dm.setup("fit")
     assert len(dm.train_dataset) == 1
+
+
+def test_parquet_source(tiny_model, tmp_path, cache_dir):
+    pa = pytest.importorskip("pyarrow")  # in the dev extra; ftframe asks for it by name when it is missing
+    import pyarrow.parquet as pq
+
+    table = pa.table({"instruction": ["Add two and three", "Add one and one"], "output": ["five", "two"]})
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path)
+    dm = _dm(tiny_model, str(path), cache_dir)
+    dm.setup("fit")
+    tok = load_tokenizer(tiny_model)
+    assert sorted(tok.decode(e["input_ids"][e["labels"] != -100]) for e in dm.train_dataset) == \
+        ["five<|im_end|>", "two<|im_end|>"]
