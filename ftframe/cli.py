@@ -19,6 +19,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+import ftframe.data
+import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
 from ftframe.callbacks import AdapterExport
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -126,6 +128,34 @@ def _quiet_third_party() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) -> None:
+    """Reject an unknown ``--model``/``--data`` class early, listing the classes ftframe ships."""
+    import importlib
+
+    known = sorted(n for n in package.__all__ if isinstance(getattr(package, n), type)
+                   and issubclass(getattr(package, n), base) and getattr(package, n) is not base)
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if value.startswith(("{", "-")) or value.endswith((".yaml", ".yml", ".json")):
+            continue  # a config dict or file: jsonargparse validates it
+        cls = getattr(package, value, None)
+        if cls is None and "." in value:
+            module, _, name = value.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                cls = None
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise UserError(f"{flag} {value!r} is not a {base.__name__} subclass. ftframe's: {known} "
+                            f"(short or as {package.__name__}.NAME); your own: its import path, e.g. my_pkg.MyMethod, "
+                            f"of a class that subclasses {base.__module__}.{base.__name__}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ftframe`` console script and ``python -m ftframe``."""
     _quiet_third_party()
@@ -140,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in tools:
             tools[argv[0]](argv[1:])
         else:
+            from lightning.pytorch import LightningDataModule as _DataModule
+
+            _check_class_choice(argv, "--model", FineTuneModule, ftframe.methods)
+            _check_class_choice(argv, "--data", _DataModule, ftframe.data)
             FTFrameCLI(args=None if from_sys else argv)
     except UserError as e:
         if debug:

@@ -52,7 +52,20 @@ def test_help_documents_every_knob():
 def test_unknown_method_is_rejected_with_a_clear_message():
     res = _run(["fit", "--model", "ftframe.methods.NoSuchMethod", "--print_config"])
     assert res.returncode == 2
-    assert "NoSuchMethod" in res.stderr
+    assert "--model 'ftframe.methods.NoSuchMethod' is not a FineTuneModule subclass" in res.stderr
+    assert "['FullFineTune', 'LoRA', 'QLoRA']" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_users_own_method_works_by_import_path(tiny_model, tiny_data, tmp_path):
+    """DESIGN.md: --model my_pkg.MyMethod works with no ftframe change."""
+    out = tmp_path / "out"
+    main(["fit", "--model=tests.custom_method.NormOnly", f"--model.model_name={tiny_model}",
+          "--model.include_final_norm=false", f"--data.train_files={tiny_data}", f"--data.cache_dir={tmp_path}",
+          "--data.val_size=8", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={out}"])
+    meta = __import__("json").loads((out / "ftframe.json").read_text())
+    assert meta["method"] == "tests.custom_method.NormOnly"
+    assert (out / "model.safetensors").is_file()
 
 
 def test_user_errors_are_one_paragraph_without_traceback(tmp_path):
