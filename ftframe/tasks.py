@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ftframe.errors import UserError
+
 __all__ = ["CausalLM", "Task"]
 
 
@@ -45,8 +47,6 @@ class CausalLM(Task):
     def __init__(self, label_smoothing: float = 0.0, max_new_tokens: int = 256) -> None:
         self.max_new_tokens = max_new_tokens
         if not 0.0 <= label_smoothing < 1.0:
-            from ftframe.errors import UserError
-
             raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
