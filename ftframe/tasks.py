@@ -6,12 +6,15 @@ to turn a batch into a loss. Methods never branch on the task; they call these m
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ftframe.errors import UserError
+from ftframe.losses import linear_cross_entropy
+from ftframe.packing import is_packed, packed_forward, packing_mode, unpack, varlen_kwargs
 
 __all__ = ["CausalLM", "Task"]
 
@@ -37,18 +40,28 @@ class Task:
 class CausalLM(Task):
     """Next-token prediction on supervised tokens only (labels of ``-100`` are ignored: prompt and padding).
 
+    The output layer and the softmax run only on positions that have a target, in chunks, so the full
+    ``(tokens x vocab)`` logits are never built (see :mod:`ftframe.losses`). Packed batches (one row holding the whole
+    batch, see ``InstructionDataModule(packing=...)``) are run with per-example attention.
+
     Args:
         label_smoothing: Cross-entropy label smoothing in ``[0, 1)``; 0 disables it.
         max_new_tokens: ``predict``: maximum tokens generated per prompt (greedy decoding).
+        loss_chunk_size: Positions per chunk of the output layer + loss; smaller saves memory, ``None`` computes all
+            logits at once (the plain way, for comparison).
     """
 
     peft_task_type = "CAUSAL_LM"
 
-    def __init__(self, label_smoothing: float = 0.0, max_new_tokens: int = 256) -> None:
+    def __init__(self, label_smoothing: float = 0.0, max_new_tokens: int = 256,
+                 loss_chunk_size: int | None = 1024) -> None:
         self.max_new_tokens = max_new_tokens
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise UserError(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}")
         self.label_smoothing = label_smoothing
+        self.loss_chunk_size = loss_chunk_size
 
     def auto_class(self) -> Any:
         from transformers import AutoModelForCausalLM
@@ -56,16 +69,25 @@ class CausalLM(Task):
         return AutoModelForCausalLM
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-        labels = batch["labels"][:, 1:]  # token t is predicted from positions < t
-        logits = logits[:, :-1]
-        keep = labels != -100  # (B, T-1)
+        packed = is_packed(batch)
+        if packed and packing_mode(_transformers_model(model)) == "unpack":
+            batch, packed = unpack(batch), False
+        targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
+        keep = targets != -100  # (B, T-1); a packed batch has -100 on every example's first token
         n_tokens = keep.sum()
-        # Only supervised positions enter the softmax: prompt logits are never upcast or normalised.
-        loss = F.cross_entropy(
-            logits[keep].float(), labels[keep], reduction="sum", label_smoothing=self.label_smoothing
-        )
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        extra = varlen_kwargs(batch) if packed else {}
+        split = _decoder_and_head(model, inputs)
+        with packed_forward() if packed else nullcontext():
+            if split is None:  # a model whose logits are more than head(decoder(x)): the plain way
+                logits = model(**inputs, **extra, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+                loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum",
+                                       label_smoothing=self.label_smoothing)
+            else:
+                decoder, head = split
+                hidden = decoder(**inputs, **extra, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+                loss = linear_cross_entropy(hidden[keep], head, targets[keep], self.label_smoothing,
+                                            self.loss_chunk_size)
         return loss / n_tokens.clamp(min=1), n_tokens
 
     @torch.no_grad()
@@ -84,3 +106,43 @@ class CausalLM(Task):
                 "reference": tokenizer.decode(ref[ref != -100], skip_special_tokens=True).strip(),
             })
         return results
+
+
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside a ``peft`` wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def _decoder_and_head(model: torch.nn.Module,
+                      inputs: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, output layer)`` when ``model(x).logits == head(decoder(x))``, else ``None``.
+
+    Decided once per model by comparing both on the first few tokens of a real batch, so architectures that
+    post-process logits (soft-capping, scaling) or peft methods that add virtual tokens use the plain path.
+    """
+    verdict = getattr(model, "_ftframe_split_ok", None)
+    if verdict is False:
+        return None
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        model._ftframe_split_ok = False
+        return None
+    base = _transformers_model(model)
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is base:
+        model._ftframe_split_ok = False
+        return None
+    if verdict is None:
+        n = min(8, inputs["input_ids"].shape[1])
+        probe = {k: v[:1, :n] for k, v in inputs.items()}
+        with torch.no_grad():
+            whole = model(**probe, use_cache=False).logits.float()
+            split = head(decoder(**probe, use_cache=False).last_hidden_state).float()
+        ok = whole.shape == split.shape and torch.allclose(whole, split, rtol=1e-3, atol=1e-3)
+        model._ftframe_split_ok = bool(ok)
+        if not ok:
+            return None
+    return decoder, head

@@ -121,7 +121,7 @@ def test_split_is_deterministic_and_disjoint(tiny_model, tiny_data, cache_dir):
 
 
 def test_batches_are_padded_dynamically(tiny_model, tiny_data, cache_dir):
-    dm = _dm(tiny_model, tiny_data, cache_dir, batch_size=4, pad_to_multiple_of=8)
+    dm = _dm(tiny_model, tiny_data, cache_dir, batch_size=4, pad_to_multiple_of=8, packing=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     lengths = batch["attention_mask"].sum(1)

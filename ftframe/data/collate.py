@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["PadCollator", "PromptCollator", "ResumableSampler", "TokenDataset"]
+__all__ = ["LengthGroupedSampler", "PackCollator", "PadCollator", "PromptCollator", "ResumableSampler", "TokenDataset"]
 
 
 class TokenDataset(Dataset):
@@ -47,6 +47,31 @@ class PadCollator:
             labels[i, :t] = e["labels"]
             attention_mask[i, :t] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class PackCollator:
+    """Concatenate a batch's examples into one row of shape ``(1, total tokens)``: no padding at all.
+
+    ``position_ids`` restart at 0 for each example and ``cu_seq_lens`` holds the example boundaries (``[0, len0,
+    len0 + len1, ...]``), which ftframe's attention uses to keep examples apart (see :mod:`ftframe.packing`). Each
+    example's first label is set to ``-100``: in a row it would otherwise be predicted from the previous example's last
+    token. The loss is over exactly the tokens the padded batch supervises, so the gradient is the same.
+    """
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        labels = []
+        for e in examples:
+            lab = e["labels"].clone()
+            lab[0] = -100
+            labels.append(lab)
+        return {
+            "input_ids": torch.cat([e["input_ids"] for e in examples])[None],  # (1, N)
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            "cu_seq_lens": torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            "max_seq_len": torch.tensor(max(lengths)),
+        }
 
 
 class PromptCollator:
@@ -116,3 +141,32 @@ class ResumableSampler(Sampler[int]):
         # The full epoch length even when resuming: Lightning counts batch indices from where the epoch stopped,
         # so it expects len() batches in total and iteration supplies only the remaining ones.
         return self.length
+
+
+class LengthGroupedSampler(ResumableSampler):
+    """Like :class:`ResumableSampler`, but batches hold examples of similar length (less padding when not packing).
+
+    The shuffled order is cut into windows of ``window`` batches; each window is sorted by length and its batches
+    are visited in random order, so batches stay random across the epoch while padding inside a batch is small.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window: int = 50) -> None:
+        super().__init__(len(lengths), seed=seed, shuffle=True)
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.window = window
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        span = self.batch_size * self.window
+        grouped: list[int] = []
+        for w in range(0, self.length, span):
+            chunk = sorted(order[w: w + span], key=lambda i: -self.lengths[i])
+            batches = [chunk[b: b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+            for b in torch.randperm(len(batches), generator=g).tolist():
+                grouped.extend(batches[b])
+        skip = self._skip()
+        if skip:
+            self._resume = None
+        return iter(grouped[skip:])

@@ -75,4 +75,21 @@ class QLoRA(FineTuneModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         model = load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name,
                            quantization_config=quant, device_map={"": device})
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        keep_trainable_layout(model)
+        return model
+
+
+def keep_trainable_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; returns the layers changed.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` called in eval mode without gradients (a validation pass) converts its
+    weight in place to a layout whose matmul kernel has no autograd support, and keeps it: the training steps that
+    follow would then get no gradient through the quantized layers. A training model must keep the plain layout.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
