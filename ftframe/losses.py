@@ -26,45 +26,70 @@ def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) ->
     return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=smoothing)
 
 
+def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, smoothing: float, chunk: int,
+                  dtype: torch.dtype, grad_h: torch.Tensor | None,
+                  grad_w: torch.Tensor | None) -> torch.Tensor:
+    """Sum of cross-entropy of ``hidden @ weight.T`` (computed in ``dtype``), chunk by chunk.
+
+    When ``grad_h`` / ``grad_w`` are given, the gradients of the sum are written / accumulated into them on the way.
+    Three ``(chunk, vocab)`` buffers are reused for every chunk: fresh multi-MB allocations page-fault on every use.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    c = min(chunk, n)
+    w = weight.to(dtype)
+    z = torch.empty((c, vocab), dtype=dtype, device=hidden.device)  # logits in the compute dtype
+    zf = z if dtype == torch.float32 else torch.empty((c, vocab), dtype=torch.float32, device=hidden.device)
+    buf = torch.empty((c, vocab), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, n, c):
+            h = hidden[s: s + c].to(dtype)
+            y = labels[s: s + c, None]
+            k = h.shape[0]
+            torch.mm(h, w.T, out=z[:k])
+            if zf is not z:
+                zf[:k].copy_(z[:k])
+            logp = torch.log_softmax(zf[:k], dim=-1, out=buf[:k])
+            nll = -logp.gather(1, y).squeeze(1)
+            if smoothing:
+                nll = (1 - smoothing) * nll - smoothing * logp.mean(dim=-1)
+            total += nll.sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d(sum nll)/dz = softmax(z) - (1 - s) * onehot(y) - s / vocab   (softmax: far faster than exp on CPU)
+            g = torch.softmax(zf[:k], dim=-1, out=buf[:k])
+            g.scatter_add_(1, y, torch.full((k, 1), -(1 - smoothing), dtype=g.dtype, device=g.device))
+            if smoothing:
+                g.sub_(smoothing / vocab)
+            if z is not zf:
+                g = z[:k].copy_(g)
+            if grad_h is not None:
+                grad_h[s: s + c] = g @ w
+            if grad_w is not None:
+                grad_w.add_((g.T @ h).float())
+    return total
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy of ``hidden @ weight.T``; the backward pass reuses gradients computed chunk by chunk."""
+    """Sum of cross-entropy of ``hidden @ weight.T``; the backward pass reuses gradients computed in the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, smoothing, chunk, dtype):  # type: ignore[override]
-        n, vocab = hidden.shape[0], weight.shape[0]
-        w = weight.to(dtype)
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, n, chunk):
-                h = hidden[s: s + chunk].to(dtype)
-                y = labels[s: s + chunk]
-                z = (h @ w.T).float()  # (chunk, vocab): the only full-width tensor, freed every iteration
-                lse = torch.logsumexp(z, dim=-1)
-                nll = lse - z.gather(1, y[:, None]).squeeze(1)
-                if smoothing:
-                    nll = (1 - smoothing) * nll + smoothing * (lse - z.mean(dim=-1))
-                total += nll.sum()
-                # d(sum nll)/dz = softmax(z) - (1 - s) * onehot(y) - s / vocab, computed in place
-                g = z.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -(1 - smoothing)))
-                if smoothing:
-                    g.sub_(smoothing / vocab)
-                g = g.to(dtype)
-                grad_h[s: s + chunk] = g @ w
-                if grad_w is not None:
-                    grad_w.add_((g.T @ h).float())
-        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                  if ctx.needs_input_grad[1] else None)
+        total = _fused_chunks(hidden, weight, labels, smoothing, chunk, dtype, grad_h, grad_w)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w)))
         ctx.weight_dtype = weight.dtype
-        ctx.has_grad_w = grad_w is not None
+        ctx.has = (grad_h is not None, grad_w is not None)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has_grad_w else None
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None
+        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.has[0] else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -72,7 +97,7 @@ def linear_cross_entropy(
     head: torch.nn.Module,
     labels: torch.Tensor,
     label_smoothing: float = 0.0,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = 256,
 ) -> torch.Tensor:
     """``sum`` of cross-entropy of ``head(hidden)`` against ``labels``, over chunks of ``chunk_size`` positions.
 
@@ -94,9 +119,13 @@ def linear_cross_entropy(
     plain = (type(head) is torch.nn.Linear and head.bias is None and type(weight) is torch.nn.Parameter
              and weight.device == hidden.device)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or (weight is not None and weight.requires_grad))
-    if plain and needs_grad:
-        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, float(label_smoothing), int(chunk_size),
-                                              _compute_dtype(hidden))
+    if plain:
+        dtype = _compute_dtype(hidden)
+        if needs_grad:
+            return _FusedLinearCrossEntropy.apply(hidden, weight, labels, float(label_smoothing), int(chunk_size),
+                                                  dtype)
+        with torch.no_grad():
+            return _fused_chunks(hidden, weight, labels, float(label_smoothing), int(chunk_size), dtype, None, None)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, chunk_size):
         h, y = hidden[s: s + chunk_size], labels[s: s + chunk_size]

@@ -54,7 +54,7 @@ class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
 
     def __init__(self, label_smoothing: float = 0.0, max_new_tokens: int = 256,
-                 loss_chunk_size: int | None = 1024) -> None:
+                 loss_chunk_size: int | None = 256) -> None:
         self.max_new_tokens = max_new_tokens
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -153,7 +153,7 @@ class FineTuneModule(LightningModule):
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
-        model = self.adapt(model)
+        model = self.adapt(model).train()  # from_pretrained returns eval mode; dropout etc. must be on in training
         dtype = self._frozen_dtype()
         if dtype is not None:
             cast_frozen_linear(model, dtype)
