@@ -42,6 +42,7 @@ LEVERS: dict[str, tuple[str, Any]] = {
     "packing": ("data.packing", False),
     "chunked_loss": ("task.loss_chunk_size", None),
     "frozen_bf16": ("model.frozen_dtype", "float32"),
+    "lean_activations": ("model.lean_activations", False),
     "fused_adamw": ("model.fused_optimizer", False),
 }
 
@@ -144,10 +145,11 @@ def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
     from ftframe.tasks import CausalLM
 
     dm, order = job_examples(args)
-    opts = {"data.packing": True, "task.loss_chunk_size": 256, "model.frozen_dtype": "auto",
-            "model.fused_optimizer": True, "model.compile": False, "model.gradient_checkpointing": False}
-    opts.update(overrides)
-    dm.packing = opts["data.packing"]
+    dm.packing = overrides.pop("data.packing", True)
+    task_opts = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("task.")}
+    model_opts = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+    if len(task_opts) + len(model_opts) != len(overrides):
+        raise SystemExit(f"--set keys must start with data., task. or model.: {sorted(overrides)}")
     clock = StepClock(args.device)
 
     class Fixed(pl.LightningDataModule):
@@ -163,10 +165,9 @@ def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
             n = int((batch["labels"][:, 1:] != -100).sum())
             clock.losses.append((float(outputs["loss"]), n))
 
-    module = LoRA(model_name=args.model_name, task=CausalLM(loss_chunk_size=opts["task.loss_chunk_size"]), r=16,
-                  alpha=32, dropout=0.0, learning_rate=args.lr, lr_schedule="constant", warmup_steps=0,
-                  frozen_dtype=opts["model.frozen_dtype"], fused_optimizer=opts["model.fused_optimizer"],
-                  compile=opts["model.compile"], gradient_checkpointing=opts["model.gradient_checkpointing"])
+    # everything not named by --set is ftframe's default
+    module = LoRA(model_name=args.model_name, task=CausalLM(**task_opts), r=16, alpha=32, dropout=0.0,
+                  learning_rate=args.lr, lr_schedule="constant", warmup_steps=0, **model_opts)
     pl.seed_everything(args.seed, verbose=False)
     trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="bf16-mixed",
                          max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -178,7 +179,13 @@ def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
 
 def run_hf(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from ftframe.models import load_tokenizer, resolve_model
 
@@ -294,7 +301,7 @@ def main() -> None:
               "--max-length", str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed),
               "--device", args.device, "--model", args.model]
     # tokenize once (cached) so no run pays for it
-    subprocess.run([sys.executable, "-m", "ftframe", "download", "gsm8k"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "ftframe", "download", "--names", "[smollm2-135m-instruct, gsm8k]"], check=True, capture_output=True)
     peak = bf16_peak(args.device)
     print(f"bf16 matmul peak on this machine: {peak / 1e9:,.0f} GFLOP/s", flush=True)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in table}

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations
 from ftframe.errors import UserError
 from ftframe.models import DTypeName, load_model, load_tokenizer, resolve_model
 from ftframe.packing import batch_examples, enable_varlen_attention
@@ -60,6 +61,9 @@ class FineTuneModule(LightningModule):
         frozen_dtype: Storage dtype of frozen linear weights. ``auto``: under ``bf16-mixed`` / ``16-mixed`` precision,
             the 16-bit type autocast computes them in anyway -- same results, half the memory, no per-step casts.
             Embeddings (and a head tied to them) and trainable weights are never converted.
+        lean_activations: Keep fewer activation copies for the backward pass, with identical results: LoRA branches
+            under mixed precision skip peft's exact fp32 round trip of 16-bit inputs (which leaves an extra copy),
+            and the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it (Llama/Mistral/Qwen2/Qwen3).
         fused_optimizer: Use PyTorch's fused AdamW kernel (one kernel for all parameters; same update).
         compile: ``torch.compile`` each transformer block (fuses elementwise work; the first steps are slower while
             it compiles).
@@ -78,6 +82,7 @@ class FineTuneModule(LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        lean_activations: bool = True,
         fused_optimizer: bool = True,
         compile: bool = False,
     ) -> None:
@@ -101,6 +106,7 @@ class FineTuneModule(LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.frozen_dtype = frozen_dtype
         self.fused_optimizer = fused_optimizer
+        self.lean_activations = lean_activations
         self.compile_blocks = compile
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -157,6 +163,8 @@ class FineTuneModule(LightningModule):
         dtype = self._frozen_dtype()
         if dtype is not None:
             cast_frozen_linear(model, dtype)
+        if self.lean_activations:
+            lean_activations(model)
         if self.compile_blocks:
             compile_blocks(model)
         if self.gradient_checkpointing:
@@ -273,35 +281,6 @@ def _check_target_modules(model: torch.nn.Module, config: Any, method: str) -> N
     if missing:
         raise UserError(f"{method}: target_modules {missing} not found in {type(model).__name__}. Linear modules of "
                         f"this model: {linear}; or use target_modules: all-linear")
-
-
-def cast_frozen_linear(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen ``nn.Linear`` weights/biases in ``dtype``; returns how many tensors were converted.
-
-    Under autocast to ``dtype`` a linear layer computes in ``dtype`` whatever its weights are stored in, so this changes
-    no result. Parameters shared with an embedding (a tied output head) are left alone: the embedding lookup is not
-    autocast and would change.
-    """
-    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    converted = 0
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        for p in module.parameters(recurse=False):
-            if (type(p) is torch.nn.Parameter and not p.requires_grad and p.is_floating_point()
-                    and p.dtype != dtype and id(p) not in embedding):
-                p.data = p.data.to(dtype)
-                converted += 1
-    return converted
-
-
-def compile_blocks(model: torch.nn.Module) -> int:
-    """``torch.compile`` every repeated transformer block in place (regional compilation); returns how many."""
-    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
-    layers = max(blocks, key=len) if blocks else []
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 @contextmanager

@@ -1,0 +1,100 @@
+"""Speed and memory levers for the training path that change no result (see docs/performance.md).
+
+Each is applied by :class:`ftframe.methods.FineTuneModule` in ``configure_model`` and switched by one of its options.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["cast_frozen_linear", "compile_blocks", "lean_activations"]
+
+# Architectures whose MLP is ``down(silu(gate(x)) * up(x))``
+SWIGLU_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def cast_frozen_linear(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen ``nn.Linear`` weights/biases in ``dtype``; returns how many tensors were converted.
+
+    Under autocast to ``dtype`` a linear layer computes in ``dtype`` whatever its weights are stored in, so this changes
+    no result. Parameters shared with an embedding (a tied output head) are left alone: the embedding lookup is not
+    autocast and would change.
+    """
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for p in module.parameters(recurse=False):
+            if (type(p) is torch.nn.Parameter and not p.requires_grad and p.is_floating_point()
+                    and p.dtype != dtype and id(p) not in embedding):
+                p.data = p.data.to(dtype)
+                converted += 1
+    return converted
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` every repeated transformer block in place (regional compilation); returns how many."""
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    layers = max(blocks, key=len) if blocks else []
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _cast_input_if_not_autocast(self: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        return x  # autocast casts at the matmul; an explicit cast here only makes a copy
+    return x.to(dtype) if getattr(self, "cast_input_dtype_enabled", True) else x
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up`` that keeps only ``gate`` and ``up`` for the backward pass (``silu(gate)`` is recomputed).
+
+    Forward and backward use the same operations as autograd does for the unfused expression, so values and
+    gradients are identical; one ``(tokens x intermediate)`` activation per block is not kept.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def lean_activations(model: torch.nn.Module) -> int:
+    """Keep fewer activation copies for the backward pass, with identical results; returns the modules changed.
+
+    * LoRA branches: peft casts a 16-bit input to the adapter's fp32 before the adapter's matmul, where autocast
+      casts it back to 16 bits -- an exact round trip that leaves a second 16-bit copy saved for the backward pass.
+      Under autocast the input now goes straight to the matmul (outside autocast peft's cast is kept).
+    * The SwiGLU MLP keeps ``gate`` and ``up`` but not ``silu(gate)``, recomputing it in the backward pass
+      (architectures in :data:`SWIGLU_TYPES`).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    config = getattr(base, "config", None)
+    swiglu = (getattr(config, "model_type", None) in SWIGLU_TYPES
+              and getattr(config, "hidden_act", None) in ("silu", "swish"))
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and callable(getattr(module, "_cast_input_dtype", None)):
+            module._cast_input_dtype = types.MethodType(_cast_input_if_not_autocast, module)
+            changed += 1
+        elif swiglu and all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.forward = types.MethodType(_swiglu_forward, module)
+            changed += 1
+    return changed
