@@ -7,7 +7,7 @@
 The job (identical for every runner): LoRA r=16, alpha=32, no dropout, on every linear layer of the model, GSM8K
 question -> answer with loss on the answer only, max length 512, batch 8 (no accumulation), AdamW at a constant
 lr of 2e-4, seed 0, the same examples in the same order (ftframe's tokenization, so the tokens are identical).
-Each run is a fresh subprocess; runs alternate (A B C A B C ...) so drift of the machine hits every runner alike.
+Each run is a fresh subprocess; runs alternate (A B C, then C B A, ...) so drift of the machine hits every runner alike.
 
 Figures per run:
   * useful tokens/s -- tokens of the examples (no padding) per second over the timed steps (the first
@@ -307,7 +307,9 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in table}
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     for r in range(args.rounds):
-        for name, extra in table.items():
+        # odd rounds run the runners in reverse, so no runner always goes first (the first run of a round is often
+        # a little slower) and drift during a round hits every runner alike
+        for name, extra in (list(table.items()) if r % 2 == 0 else list(table.items())[::-1]):
             kind = "ftframe" if name.startswith("ftframe") or name not in ("hf-fp32", "hf-bf16") else name
             cmd = [sys.executable, __file__, "--worker", kind, *common, *extra]
             t = time.perf_counter()

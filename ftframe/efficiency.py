@@ -6,6 +6,7 @@ Each is applied by :class:`ftframe.methods.FineTuneModule` in ``configure_model`
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -52,6 +53,61 @@ def _cast_input_if_not_autocast(self: Any, x: torch.Tensor, dtype: torch.dtype) 
     return x.to(dtype) if getattr(self, "cast_input_dtype_enabled", True) else x
 
 
+class _SharedCastLinear(torch.autograd.Function):
+    """``linear(x, w)`` exactly as autocast computes it, given ``x16`` (``x`` already cast to the 16-bit dtype).
+
+    Autocast casts ``x`` separately for every layer that reads it and each layer keeps its own copy for the backward
+    pass; layers reading the same ``x`` (q, k, v; gate, up; and every LoRA A next to them) share one copy here. The
+    forward and backward run the same operations on the same values; the gradient for ``x`` is returned in ``x``'s
+    dtype per layer, so gradients from several layers are summed in full precision as before.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x16):  # type: ignore[override]
+        w16 = weight.to(x16.dtype)
+        b16 = bias.to(x16.dtype) if bias is not None else None
+        ctx.save_for_backward(x16 if ctx.needs_input_grad[1] else None, w16)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x16, w16, b16)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x16, w16 = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ w16).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g2.t() @ x16.reshape(-1, x16.shape[-1])).to(w_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+_last_cast: list[Any] = [None]  # (weak reference to x, x's version, x16): consumers of one x run back to back
+
+
+def _shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    last = _last_cast[0]
+    if last is not None and last[0]() is x and last[1] == x._version and last[2].dtype == dtype:
+        return last[2]
+    x16 = x.detach().to(dtype)
+    _last_cast[0] = (weakref.ref(x), x._version, x16)
+    return x16
+
+
+def _shared_cast_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind) or not torch.is_grad_enabled():
+        return F.linear(x, self.weight, self.bias)
+    dtype = torch.get_autocast_dtype(kind)
+    if x.dtype == dtype or not x.is_floating_point() or x.dtype == torch.float64:
+        return F.linear(x, self.weight, self.bias)
+    return _SharedCastLinear.apply(x, self.weight, self.bias, _shared_cast(x, dtype))
+
+
 class _SiluMul(torch.autograd.Function):
     """``silu(gate) * up`` that keeps only ``gate`` and ``up`` for the backward pass (``silu(gate)`` is recomputed).
 
@@ -82,6 +138,8 @@ def lean_activations(model: torch.nn.Module) -> int:
     * LoRA branches: peft casts a 16-bit input to the adapter's fp32 before the adapter's matmul, where autocast
       casts it back to 16 bits -- an exact round trip that leaves a second 16-bit copy saved for the backward pass.
       Under autocast the input now goes straight to the matmul (outside autocast peft's cast is kept).
+    * Linear layers (and LoRA A layers) reading the same full-precision input under autocast share one 16-bit copy
+      of it instead of each casting and keeping its own (see :class:`_SharedCastLinear`).
     * The SwiGLU MLP keeps ``gate`` and ``up`` but not ``silu(gate)``, recomputing it in the backward pass
       (architectures in :data:`SWIGLU_TYPES`).
     """
@@ -93,6 +151,9 @@ def lean_activations(model: torch.nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, "lora_A") and callable(getattr(module, "_cast_input_dtype", None)):
             module._cast_input_dtype = types.MethodType(_cast_input_if_not_autocast, module)
+            changed += 1
+        elif type(module) is torch.nn.Linear and type(module.weight) is torch.nn.Parameter:
+            module.forward = types.MethodType(_shared_cast_forward, module)
             changed += 1
         elif swiglu and all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             module.forward = types.MethodType(_swiglu_forward, module)
