@@ -299,3 +299,23 @@ def test_every_lever_is_a_typed_cli_option(tiny_model, tiny_data, tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     with pytest.raises(SystemExit):
         main(["fit", f"--model.model_name={tiny_model}", "--model.frozen_dtype=int8"])
+
+
+def test_weights_left_in_fp32_stop_pinning_the_checkpoint_file(tiny_model):
+    from ftframe.efficiency import _mapped_checkpoint_ranges, own_mapped_weights
+
+    def mapped(model):
+        ranges = _mapped_checkpoint_ranges()
+        return [n for n, p in model.named_parameters()
+                if any(a <= p.untyped_storage().data_ptr() < b for a, b in ranges)]
+
+    module = LoRA(model_name=tiny_model, r=4, frozen_dtype="float32")  # nothing converted: weights may stay mapped
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    assert mapped(module.model), "transformers no longer maps checkpoints; this lever is moot"
+    assert own_mapped_weights(module.model) > 0
+    assert not mapped(module.model)
+    assert all(torch.equal(p, before[n]) for n, p in module.model.named_parameters())
+    converted = LoRA(model_name=tiny_model, r=4, frozen_dtype="bfloat16")
+    converted.configure_model()
+    assert not mapped(converted.model)

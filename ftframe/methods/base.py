@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations
+from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations, own_mapped_weights
 from ftframe.errors import UserError
 from ftframe.models import DTypeName, load_model, load_tokenizer, resolve_model
 from ftframe.packing import batch_examples, enable_varlen_attention
@@ -161,8 +161,8 @@ class FineTuneModule(LightningModule):
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
         model = self.adapt(model).train()  # from_pretrained returns eval mode; dropout etc. must be on in training
         dtype = self._frozen_dtype()
-        if dtype is not None:
-            cast_frozen_linear(model, dtype)
+        if dtype is not None and cast_frozen_linear(model, dtype):
+            own_mapped_weights(model)  # else the few fp32 weights left would keep the whole checkpoint file resident
         if self.lean_activations:
             lean_activations(model)
         if self.compile_blocks:
