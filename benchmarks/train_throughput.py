@@ -293,6 +293,8 @@ def main() -> None:
         p.error("--warmup must be >= 1 and < --steps")
     if args.worker:
         return worker(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to PyTorch here")
 
     table = runners(args)
     if args.only:
@@ -321,30 +323,32 @@ def main() -> None:
             res = json.loads(lines[-1][len("RESULT "):])
             res["mfu"] = res["flops_per_s"] / peak
             results[name].append(res)
-            print(f"round {r + 1}/{args.rounds} {name:<22} {res['tokens_per_s']:8.1f} tok/s  "
+            print(f"round {r + 1}/{args.rounds} {name:<26} {res['tokens_per_s']:8.1f} tok/s  "
                   f"{res['peak_rss_gb']:5.2f} GB  loss {res['loss_per_token']:.4f}  MFU {100 * res['mfu']:4.1f}%  "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
     report(args, peak, results)
 
 
 def report(args: argparse.Namespace, peak: float, results: dict[str, list[dict[str, Any]]]) -> None:
-    med = {k: {f: statistics.median(r[f] for r in runs) for f in ("tokens_per_s", "peak_rss_gb", "loss_per_token",
-                                                                  "mfu", "seconds_per_step")}
+    mem = "peak_gpu_gb" if args.device == "cuda" else "peak_rss_gb"  # on a GPU the device memory is what limits
+    med = {k: {f: statistics.median(r[f] for r in runs) for f in ("tokens_per_s", mem, "loss_per_token", "mfu",
+                                                                  "seconds_per_step")}
            for k, runs in results.items() if runs}
     hf = [k for k in ("hf-fp32", "hf-bf16") if k in med]
     base = max(hf, key=lambda k: med[k]["tokens_per_s"]) if hf else None
     print(f"\nmedians over {args.rounds} alternating rounds; {args.steps} steps x {args.batch_size} examples, first "
           f"{args.warmup} untimed; baseline = {base or 'none'} (the faster HF run)\n")
-    print("| runner | useful tok/s | s/step | peak RSS GB | loss/token | MFU | tok/s ratio | RSS ratio | loss diff |")
+    label = "peak GPU GB" if mem == "peak_gpu_gb" else "peak RSS GB"
+    print(f"| runner | useful tok/s | s/step | {label} | loss/token | MFU | tok/s ratio | memory ratio | loss diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, m in med.items():
         if base:
             b = med[base]
-            ratios = (f"{m['tokens_per_s'] / b['tokens_per_s']:.2f}x | {m['peak_rss_gb'] / b['peak_rss_gb']:.2f}x | "
+            ratios = (f"{m['tokens_per_s'] / b['tokens_per_s']:.2f}x | {m[mem] / b[mem]:.2f}x | "
                       f"{100 * (m['loss_per_token'] / b['loss_per_token'] - 1):+.2f}%")
         else:
             ratios = "- | - | -"
-        print(f"| {k} | {m['tokens_per_s']:.1f} | {m['seconds_per_step']:.2f} | {m['peak_rss_gb']:.2f} | "
+        print(f"| {k} | {m['tokens_per_s']:.1f} | {m['seconds_per_step']:.2f} | {m[mem]:.2f} | "
               f"{m['loss_per_token']:.4f} | {100 * m['mfu']:.1f}% | {ratios} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "bf16_peak_flops": peak, "baseline": base,
