@@ -185,7 +185,8 @@ def lean_activations(model: torch.nn.Module) -> int:
               and getattr(config, "hidden_act", None) in ("silu", "swish"))
     changed = 0
     for module in model.modules():
-        if hasattr(module, "lora_A") and callable(getattr(module, "_cast_input_dtype", None)):
+        if (hasattr(module, "lora_A") and callable(getattr(module, "_cast_input_dtype", None))
+                and not any(getattr(module, "use_dora", {}).values())):  # DoRA uses the input outside matmuls
             module._cast_input_dtype = types.MethodType(_cast_input_if_not_autocast, module)
             changed += 1
         elif type(module) is torch.nn.Linear and type(module.weight) is torch.nn.Parameter:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ftframe.data import InstructionDataModule
-from ftframe.methods import FullFineTune, LoRA, QLoRA
+from ftframe.methods import IA3, DoRA, FullFineTune, LastLayers, LoRA, QLoRA
 from ftframe.methods.qlora import keep_trainable_layout
 from ftframe.models import load_model
 from ftframe.packing import unpack
@@ -43,6 +43,15 @@ METHODS = {
     "LoRA-qv": (LoRA, {"r": 2, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
                 lambda name: ("lora_A" in name or "lora_B" in name) and ("q_proj" in name or "v_proj" in name),
                 _reload_peft),
+    "DoRA": (DoRA, {"r": 4, "dropout": 0.0},
+             lambda name: "lora_A" in name or "lora_B" in name or "lora_magnitude_vector" in name, _reload_peft),
+    "rsLoRA": (LoRA, {"r": 4, "dropout": 0.0, "use_rslora": True}, lambda name: "lora_A" in name or "lora_B" in name,
+               _reload_peft),
+    "IA3": (IA3, {}, lambda name: "ia3_l" in name, _reload_peft),
+    "LastLayers": (LastLayers, {"num_layers": 1},
+                   lambda name: ".layers.1." in name or name.endswith("model.norm.weight") or "embed_tokens" in name,
+                   _reload_full),
+    "LinearProbe": (LastLayers, {"num_layers": 0}, lambda name: "embed_tokens" in name, _reload_full),
     "QLoRA": (QLoRA, {"r": 4, "dropout": 0.0, "compute_dtype": "float32", "double_quant": False},
               lambda name: "lora_A" in name or "lora_B" in name, _reload_qlora),
 }
@@ -131,7 +140,7 @@ def test_checkpoint_holds_only_trainable_weights(method, tiny_model, tiny_data, 
     assert "loops" in state
 
 
-@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA"])
+@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers"])
 def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
     from ftframe.cli import main
 
@@ -143,5 +152,37 @@ def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
         f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={out}",
     ])
     assert (out / "ftframe.json").is_file()
-    assert (out / ("config.json" if name == "FullFineTune" else "adapter_model.safetensors")).is_file()
+    assert (out / ("config.json" if name in ("FullFineTune", "LastLayers") else "adapter_model.safetensors")).is_file()
     assert (out / "tokenizer_config.json").is_file()
+
+
+def test_gradual_unfreezing_trains_one_more_block_every_n_steps(tiny_model, tiny_data, cache_dir, tmp_path):
+    module = LastLayers(model_name=tiny_model, num_layers=0, unfreeze_every=2, learning_rate=1e-2)
+    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=0, batch_size=4,
+                                 cache_dir=cache_dir)
+    module.configure_model()
+    start = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+    def changed():
+        return {n.split(".layers.")[1].split(".")[0] for n, p in module.model.named_parameters()
+                if ".layers." in n and not torch.equal(p, start[n])}
+
+    tiny_trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
+    assert changed() == set()  # steps 0-1: the head alone
+    tiny_trainer(tmp_path, max_steps=3).fit(module, datamodule=data)
+    assert changed() == {"1"}  # step 2: the top block joins
+    tiny_trainer(tmp_path, max_steps=6).fit(module, datamodule=data)
+    assert changed() == {"0", "1"}  # step 4: the next block down
+
+
+@pytest.mark.parametrize("name,converts", [("LoRA", True), ("LastLayers", True), ("DoRA", False), ("IA3", False)])
+def test_frozen_weights_go_bf16_only_where_they_are_used_in_matmuls_alone(name, converts, tiny_model, tmp_path):
+    from ftframe import methods
+
+    module = getattr(methods, name)(model_name=tiny_model, **({"num_layers": 1} if name == "LastLayers" else {}))
+    module.trainer = tiny_trainer(tmp_path, precision="bf16-mixed")
+    module.configure_model()
+    frozen = [p for m in module.model.modules() if isinstance(m, torch.nn.Linear)
+              for p in m.parameters(recurse=False) if not p.requires_grad]
+    assert frozen
+    assert any(p.dtype == torch.bfloat16 for p in frozen) is converts

@@ -1,8 +1,11 @@
 """Adaptation methods: one ``FineTuneModule`` subclass per file."""
 
 from ftframe.methods.base import FineTuneModule
+from ftframe.methods.dora import DoRA
 from ftframe.methods.full import FullFineTune
+from ftframe.methods.ia3 import IA3
+from ftframe.methods.last_layers import LastLayers
 from ftframe.methods.lora import LoRA
 from ftframe.methods.qlora import QLoRA
 
-__all__ = ["FineTuneModule", "FullFineTune", "LoRA", "QLoRA"]
+__all__ = ["DoRA", "FineTuneModule", "FullFineTune", "IA3", "LastLayers", "LoRA", "QLoRA"]

@@ -69,6 +69,11 @@ class FineTuneModule(LightningModule):
             it compiles).
     """
 
+    #: Whether frozen weights are used only in matmuls, so that ``frozen_dtype: auto`` may store them in the
+    #: autocast dtype without changing results. Methods that read frozen weights otherwise (DoRA's row norms, IA3's
+    #: input scaling) leave it ``False``.
+    cast_frozen_weights: bool = False
+
     def __init__(
         self,
         model_name: str = DEFAULT_MODEL,
@@ -179,6 +184,8 @@ class FineTuneModule(LightningModule):
                    f"({100 * trainable / total:.3f}%)")
 
     def _frozen_dtype(self) -> torch.dtype | None:
+        if self.frozen_dtype == "auto" and not self.cast_frozen_weights:
+            return None
         if self.frozen_dtype != "auto":
             return getattr(torch, self.frozen_dtype) if self.frozen_dtype != "float32" else None
         trainer = self._trainer

@@ -47,8 +47,13 @@ class LoRA(FineTuneModule):
         target_modules: Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear`` for every linear layer
             except the output head.
         bias: Which biases to train alongside the adapters.
+        use_rslora: Scale the update by ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilised LoRA, Kalajdzievski,
+            2023, https://arxiv.org/abs/2312.03732), which keeps the update's size steady as ``r`` grows.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    # the frozen base weights are used only in matmuls: frozen_dtype: auto may store them in the autocast dtype
+    cast_frozen_weights = True
 
     def __init__(
         self,
@@ -58,10 +63,12 @@ class LoRA(FineTuneModule):
         dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
         bias: Literal["none", "all", "lora_only"] = "none",
+        use_rslora: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.lora = dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, bias=bias)
+        self.lora = dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, bias=bias,
+                         use_rslora=use_rslora)
         self.peft_config()  # validate options now, not after the model has loaded
 
     def peft_config(self) -> Any:
