@@ -52,12 +52,16 @@ def test_real_chat_template_masks(tmp_path):
         assert supervised[-1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
 
 
-@pytest.mark.parametrize("method", ["LoRA", "QLoRA"])
+METHOD_ARGS = {"LoRA": ["--model.r=4"], "QLoRA": ["--model.r=4"], "DoRA": ["--model.r=4"], "IA3": [],
+               "LastLayers": ["--model.num_layers=1"]}
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_two_step_fit_on_the_real_model(method, tmp_path):
     from ftframe.cli import main
 
     out = tmp_path / "adapter"
-    main(["fit", f"--model=ftframe.methods.{method}", f"--model.model_name={MODEL}", "--model.r=4",
+    main(["fit", f"--model=ftframe.methods.{method}", f"--model.model_name={MODEL}", *METHOD_ARGS[method],
           "--data.train_files=gsm8k", "--data.val_size=8", "--data.batch_size=2", "--data.max_length=256",
           "--data.max_train_examples=8", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
           "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed", "--trainer.logger=false",
@@ -65,6 +69,13 @@ def test_two_step_fit_on_the_real_model(method, tmp_path):
           f"--adapter.dirpath={out}"])
     from safetensors.torch import load_file
 
+    if method == "LastLayers":  # a whole model folder
+        weights = {}
+        for f in out.glob("*.safetensors"):
+            weights.update(load_file(str(f)))
+        assert (out / "config.json").is_file() and weights
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        return
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL
