@@ -70,8 +70,9 @@ class CausalLM(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         packed = is_packed(batch)
-        if packed and packing_mode(_transformers_model(model)) == "unpack":
-            batch, packed = unpack(batch), False
+        virtual = _virtual_tokens(model)
+        if packed and (virtual or packing_mode(_transformers_model(model)) == "unpack"):
+            batch, packed = unpack(batch), False  # virtual tokens go in front of each example, not of the row
         targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
         keep = targets != -100  # (B, T-1); a packed batch has -100 on every example's first token
         n_tokens = keep.sum()
@@ -80,7 +81,7 @@ class CausalLM(Task):
         split = _decoder_and_head(model, inputs)
         with packed_forward() if packed else nullcontext():
             if split is None:  # a model whose logits are more than head(decoder(x)): the plain way
-                logits = model(**inputs, **extra, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+                logits = model(**inputs, **extra, use_cache=False).logits[:, virtual:-1]  # (B, T-1, V)
                 loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum",
                                        label_smoothing=self.label_smoothing)
             else:
@@ -106,6 +107,16 @@ class CausalLM(Task):
                 "reference": tokenizer.decode(ref[ref != -100], skip_special_tokens=True).strip(),
             })
         return results
+
+
+def _virtual_tokens(model: torch.nn.Module) -> int:
+    """How many virtual tokens a peft prompt-learning method puts in front of the input (0 for other models)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    if getattr(config, "peft_type", None) is not None and str(config.peft_type).endswith("PREFIX_TUNING"):
+        return 0  # prefix tuning extends the attention cache, not the input
+    return int(config.num_virtual_tokens)
 
 
 def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:

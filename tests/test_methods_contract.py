@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ftframe.data import InstructionDataModule
-from ftframe.methods import IA3, DoRA, FullFineTune, LastLayers, LoRA, QLoRA
+from ftframe.methods import IA3, DoRA, FullFineTune, LastLayers, LoRA, PromptTuning, QLoRA
 from ftframe.methods.qlora import keep_trainable_layout
 from ftframe.models import load_model
 from ftframe.packing import unpack
@@ -52,6 +52,9 @@ METHODS = {
                    lambda name: ".layers.1." in name or name.endswith("model.norm.weight") or "embed_tokens" in name,
                    _reload_full),
     "LinearProbe": (LastLayers, {"num_layers": 0}, lambda name: "embed_tokens" in name, _reload_full),
+    "PromptTuning": (PromptTuning, {"num_virtual_tokens": 4}, lambda name: "prompt_encoder" in name, _reload_peft),
+    "PromptTuning-text": (PromptTuning, {"num_virtual_tokens": 4, "init_text": "Answer the question."},
+                          lambda name: "prompt_encoder" in name, _reload_peft),
     "QLoRA": (QLoRA, {"r": 4, "dropout": 0.0, "compute_dtype": "float32", "double_quant": False},
               lambda name: "lora_A" in name or "lora_B" in name, _reload_qlora),
 }
@@ -140,7 +143,7 @@ def test_checkpoint_holds_only_trainable_weights(method, tiny_model, tiny_data, 
     assert "loops" in state
 
 
-@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers"])
+@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers", "PromptTuning"])
 def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
     from ftframe.cli import main
 
@@ -186,3 +189,25 @@ def test_frozen_weights_go_bf16_only_where_they_are_used_in_matmuls_alone(name, 
               for p in m.parameters(recurse=False) if not p.requires_grad]
     assert frozen
     assert any(p.dtype == torch.bfloat16 for p in frozen) is converts
+
+
+def test_prompt_tuning_loss_skips_the_virtual_tokens_and_generation_uses_them(tiny_model, tiny_data, cache_dir):
+    from ftframe.data.collate import PromptCollator
+
+    module = PromptTuning(model_name=tiny_model, num_virtual_tokens=4)
+    module.configure_model()
+    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=0, batch_size=4,
+                                 cache_dir=cache_dir)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))  # packed: the task unpacks it for prompt tuning
+    loss, n = module.task.loss(module.model, batch)
+    padded = unpack(batch)
+    # peft's own loss, which prepends ignored labels for the virtual tokens
+    reference = module.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                             labels=padded["labels"]).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert int(n) == int((padded["labels"][:, 1:] != -100).sum())
+    examples = [data.train_dataset[i] for i in range(2)]
+    prompts = PromptCollator(module.tokenizer.pad_token_id)(examples)
+    out = module.task.predict(module.model.eval(), prompts, module.tokenizer)
+    assert len(out) == 2 and all(isinstance(o["prediction"], str) for o in out)

@@ -6,6 +6,7 @@ from ftframe.methods.full import FullFineTune
 from ftframe.methods.ia3 import IA3
 from ftframe.methods.last_layers import LastLayers
 from ftframe.methods.lora import LoRA
+from ftframe.methods.prompt_tuning import PromptTuning
 from ftframe.methods.qlora import QLoRA
 
-__all__ = ["DoRA", "FineTuneModule", "FullFineTune", "IA3", "LastLayers", "LoRA", "QLoRA"]
+__all__ = ["DoRA", "FineTuneModule", "FullFineTune", "IA3", "LastLayers", "LoRA", "PromptTuning", "QLoRA"]
