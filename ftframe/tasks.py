@@ -70,8 +70,8 @@ class CausalLM(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         packed = is_packed(batch)
-        virtual = _virtual_tokens(model)
-        if packed and (virtual or packing_mode(_transformers_model(model)) == "unpack"):
+        prompt_learning, virtual = _virtual_tokens(model)
+        if packed and (prompt_learning or packing_mode(_transformers_model(model)) == "unpack"):
             batch, packed = unpack(batch), False  # virtual tokens go in front of each example, not of the row
         targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
         keep = targets != -100  # (B, T-1); a packed batch has -100 on every example's first token
@@ -109,14 +109,14 @@ class CausalLM(Task):
         return results
 
 
-def _virtual_tokens(model: torch.nn.Module) -> int:
-    """How many virtual tokens a peft prompt-learning method puts in front of the input (0 for other models)."""
+def _virtual_tokens(model: torch.nn.Module) -> tuple[bool, int]:
+    """Whether ``model`` uses a peft prompt-learning method, and how many virtual tokens it puts before the input."""
     config = getattr(model, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):
-        return 0
-    if getattr(config, "peft_type", None) is not None and str(config.peft_type).endswith("PREFIX_TUNING"):
-        return 0  # prefix tuning extends the attention cache, not the input
-    return int(config.num_virtual_tokens)
+        return False, 0
+    if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING"):
+        return True, 0  # prefix tuning extends every layer's attention keys/values, not the input
+    return True, int(config.num_virtual_tokens)
 
 
 def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:

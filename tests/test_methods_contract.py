@@ -7,7 +7,17 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ftframe.data import InstructionDataModule
-from ftframe.methods import IA3, DoRA, FullFineTune, LastLayers, LoRA, PromptTuning, QLoRA
+from ftframe.methods import (
+    IA3,
+    DoRA,
+    FullFineTune,
+    LastLayers,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    QLoRA,
+)
 from ftframe.methods.qlora import keep_trainable_layout
 from ftframe.models import load_model
 from ftframe.packing import unpack
@@ -55,6 +65,9 @@ METHODS = {
     "PromptTuning": (PromptTuning, {"num_virtual_tokens": 4}, lambda name: "prompt_encoder" in name, _reload_peft),
     "PromptTuning-text": (PromptTuning, {"num_virtual_tokens": 4, "init_text": "Answer the question."},
                           lambda name: "prompt_encoder" in name, _reload_peft),
+    "PTuning": (PTuning, {"num_virtual_tokens": 4, "encoder_hidden": 16}, lambda name: "prompt_encoder" in name,
+                _reload_peft),
+    "PrefixTuning": (PrefixTuning, {"num_virtual_tokens": 4}, lambda name: "prompt_encoder" in name, _reload_peft),
     "QLoRA": (QLoRA, {"r": 4, "dropout": 0.0, "compute_dtype": "float32", "double_quant": False},
               lambda name: "lora_A" in name or "lora_B" in name, _reload_qlora),
 }
@@ -143,7 +156,7 @@ def test_checkpoint_holds_only_trainable_weights(method, tiny_model, tiny_data, 
     assert "loops" in state
 
 
-@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers", "PromptTuning"])
+@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers", "PromptTuning", "PTuning", "PrefixTuning"])
 def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
     from ftframe.cli import main
 
@@ -191,10 +204,11 @@ def test_frozen_weights_go_bf16_only_where_they_are_used_in_matmuls_alone(name, 
     assert any(p.dtype == torch.bfloat16 for p in frozen) is converts
 
 
-def test_prompt_tuning_loss_skips_the_virtual_tokens_and_generation_uses_them(tiny_model, tiny_data, cache_dir):
+@pytest.mark.parametrize("cls", [PromptTuning, PTuning, PrefixTuning])
+def test_prompt_learning_loss_equals_peft_and_generation_works(cls, tiny_model, tiny_data, cache_dir):
     from ftframe.data.collate import PromptCollator
 
-    module = PromptTuning(model_name=tiny_model, num_virtual_tokens=4)
+    module = cls(model_name=tiny_model, num_virtual_tokens=4)
     module.configure_model()
     data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=0, batch_size=4,
                                  cache_dir=cache_dir)

@@ -53,7 +53,8 @@ def test_real_chat_template_masks(tmp_path):
 
 
 METHOD_ARGS = {"LoRA": ["--model.r=4"], "QLoRA": ["--model.r=4"], "DoRA": ["--model.r=4"], "IA3": [],
-               "LastLayers": ["--model.num_layers=1"]}
+               "LastLayers": ["--model.num_layers=1"], "PromptTuning": ["--model.num_virtual_tokens=4"],
+               "PTuning": ["--model.num_virtual_tokens=4"], "PrefixTuning": ["--model.num_virtual_tokens=4"]}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
