@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from ftframe.data import InstructionDataModule
 from ftframe.methods import (
     IA3,
+    BottleneckAdapters,
     DoRA,
     FullFineTune,
     LastLayers,
@@ -34,6 +35,12 @@ def _reload_peft(folder, tiny_model, quant=None):
     base = load_model(tiny_model, AutoModelForCausalLM, quantization_config=quant,
                       device_map={"": "cpu"} if quant else None)
     return PeftModel.from_pretrained(base, folder)
+
+
+def _reload_bottleneck(folder, tiny_model):
+    from ftframe.methods.bottleneck import load_bottleneck_adapters
+
+    return load_bottleneck_adapters(folder, load_model(tiny_model, AutoModelForCausalLM))
 
 
 def _reload_qlora(folder, tiny_model):
@@ -68,6 +75,7 @@ METHODS = {
     "PTuning": (PTuning, {"num_virtual_tokens": 4, "encoder_hidden": 16}, lambda name: "prompt_encoder" in name,
                 _reload_peft),
     "PrefixTuning": (PrefixTuning, {"num_virtual_tokens": 4}, lambda name: "prompt_encoder" in name, _reload_peft),
+    "BottleneckAdapters": (BottleneckAdapters, {"size": 8}, lambda name: "bottleneck_" in name, _reload_bottleneck),
     "QLoRA": (QLoRA, {"r": 4, "dropout": 0.0, "compute_dtype": "float32", "double_quant": False},
               lambda name: "lora_A" in name or "lora_B" in name, _reload_qlora),
 }
@@ -156,7 +164,8 @@ def test_checkpoint_holds_only_trainable_weights(method, tiny_model, tiny_data, 
     assert "loops" in state
 
 
-@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers", "PromptTuning", "PTuning", "PrefixTuning"])
+@pytest.mark.parametrize("name", ["FullFineTune", "LoRA", "QLoRA", "DoRA", "IA3", "LastLayers", "PromptTuning", "PTuning", "PrefixTuning",
+                                  "BottleneckAdapters"])
 def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
     from ftframe.cli import main
 
@@ -168,7 +177,9 @@ def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
         f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={out}",
     ])
     assert (out / "ftframe.json").is_file()
-    assert (out / ("config.json" if name in ("FullFineTune", "LastLayers") else "adapter_model.safetensors")).is_file()
+    artifact = {"FullFineTune": "config.json", "LastLayers": "config.json",
+                "BottleneckAdapters": "bottleneck_adapters.safetensors"}.get(name, "adapter_model.safetensors")
+    assert (out / artifact).is_file()
     assert (out / "tokenizer_config.json").is_file()
 
 

@@ -54,7 +54,8 @@ def test_real_chat_template_masks(tmp_path):
 
 METHOD_ARGS = {"LoRA": ["--model.r=4"], "QLoRA": ["--model.r=4"], "DoRA": ["--model.r=4"], "IA3": [],
                "LastLayers": ["--model.num_layers=1"], "PromptTuning": ["--model.num_virtual_tokens=4"],
-               "PTuning": ["--model.num_virtual_tokens=4"], "PrefixTuning": ["--model.num_virtual_tokens=4"]}
+               "PTuning": ["--model.num_virtual_tokens=4"], "PrefixTuning": ["--model.num_virtual_tokens=4"],
+               "BottleneckAdapters": ["--model.size=8"]}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
@@ -76,6 +77,10 @@ def test_two_step_fit_on_the_real_model(method, tmp_path):
             weights.update(load_file(str(f)))
         assert (out / "config.json").is_file() and weights
         assert all(torch.isfinite(w).all() for w in weights.values())
+        return
+    if method == "BottleneckAdapters":
+        weights = load_file(str(out / "bottleneck_adapters.safetensors"))
+        assert weights and all(torch.isfinite(w).all() for w in weights.values())
         return
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())

@@ -1,6 +1,7 @@
 """Adaptation methods: one ``FineTuneModule`` subclass per file."""
 
 from ftframe.methods.base import FineTuneModule
+from ftframe.methods.bottleneck import BottleneckAdapters
 from ftframe.methods.dora import DoRA
 from ftframe.methods.full import FullFineTune
 from ftframe.methods.ia3 import IA3
@@ -10,4 +11,4 @@ from ftframe.methods.prefix_tuning import PrefixTuning, PTuning
 from ftframe.methods.prompt_tuning import PromptTuning
 from ftframe.methods.qlora import QLoRA
 
-__all__ = ["DoRA", "FineTuneModule", "FullFineTune", "IA3", "LastLayers", "LoRA", "PrefixTuning", "PromptTuning", "PTuning", "QLoRA"]
+__all__ = ["BottleneckAdapters", "DoRA", "FineTuneModule", "FullFineTune", "IA3", "LastLayers", "LoRA", "PrefixTuning", "PromptTuning", "PTuning", "QLoRA"]
