@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ATTENTION", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward", "packing_mode", "unpack", "varlen_attention",
+    "ATTENTION", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward", "packing_mode", "token_lengths", "unpack", "varlen_attention",
     "varlen_kwargs",
 ]
 
@@ -30,6 +30,8 @@ _VARLEN_NATIVE = {ATTENTION, "flash_attention_2", "flash_attention_3"}
 # Set while ftframe itself runs a packed forward pass: the mask hook then skips building a dense
 # (tokens x tokens) block-diagonal mask, because the attention function gets the example boundaries instead.
 _PACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("ftframe_packed", default=False)
+# per-token length of the example each token belongs to, during a packed forward pass (for NEFTune's noise scale)
+_LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("ftframe_lengths", default=None)
 _registered = False
 
 
@@ -117,12 +119,24 @@ def packing_mode(model: torch.nn.Module) -> str:
 
 
 @contextmanager
-def packed_forward() -> Iterator[None]:
+def packed_forward(cu_seq_lens: torch.Tensor | None = None) -> Iterator[None]:
+    """Mark a packed forward pass; with ``cu_seq_lens``, :func:`token_lengths` gives each token's example length."""
     token = _PACKED.set(True)
+    lengths = None
+    if cu_seq_lens is not None:
+        sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+        lengths = torch.repeat_interleave(sizes, sizes)
+    token_l = _LENGTHS.set(lengths)
     try:
         yield
     finally:
+        _LENGTHS.reset(token_l)
         _PACKED.reset(token)
+
+
+def token_lengths() -> torch.Tensor | None:
+    """Inside a packed forward pass: the length of the example each token belongs to, shape ``(tokens,)``."""
+    return _LENGTHS.get()
 
 
 def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:

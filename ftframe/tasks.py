@@ -79,7 +79,7 @@ class CausalLM(Task):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         extra = varlen_kwargs(batch) if packed else {}
         split = _decoder_and_head(model, inputs)
-        with packed_forward() if packed else nullcontext():
+        with packed_forward(batch["cu_seq_lens"]) if packed else nullcontext():
             if split is None:  # a model whose logits are more than head(decoder(x)): the plain way
                 logits = model(**inputs, **extra, use_cache=False).logits[:, virtual:-1]  # (B, T-1, V)
                 loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum",

@@ -319,3 +319,28 @@ def test_weights_left_in_fp32_stop_pinning_the_checkpoint_file(tiny_model):
     converted = LoRA(model_name=tiny_model, r=4, frozen_dtype="bfloat16")
     converted.configure_model()
     assert not mapped(converted.model)
+
+
+def test_neftune_noise_is_scaled_per_example_in_training_and_off_in_eval(tiny_model, tiny_data, cache_dir):
+    from ftframe.packing import packed_forward
+
+    module = LoRA(model_name=tiny_model, r=4, neftune_alpha=5.0)
+    module.configure_model()
+    emb = module.model.get_input_embeddings()
+    examples = _examples(tiny_model, tiny_data, cache_dir, n=3)
+    batch = PackCollator()(examples)
+    clean = emb.weight[batch["input_ids"]].detach()
+    emb.train()
+    with packed_forward(batch["cu_seq_lens"]):
+        noisy = emb(batch["input_ids"]).detach()
+    noise = (noisy - clean)[0]
+    d = clean.shape[-1]
+    edges = batch["cu_seq_lens"].tolist()
+    for s, e in zip(edges[:-1], edges[1:], strict=True):
+        bound = 5.0 / (((e - s) * d) ** 0.5)
+        assert noise[s:e].abs().max() <= bound * (1 + 1e-5)
+        assert noise[s:e].abs().max() > 0.5 * bound  # uniform noise fills its range
+    emb.eval()
+    assert torch.equal(emb(batch["input_ids"]), clean)
+    with pytest.raises(Exception, match="neftune_alpha must be > 0"):
+        LoRA(model_name=tiny_model, neftune_alpha=0.0)

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations, own_mapped_weights
 from ftframe.errors import UserError
 from ftframe.models import DTypeName, load_model, load_tokenizer, resolve_model
-from ftframe.packing import batch_examples, enable_varlen_attention
+from ftframe.packing import batch_examples, enable_varlen_attention, token_lengths
 from ftframe.tasks import CausalLM, Task
 
 __all__ = ["DEFAULT_MODEL", "FineTuneModule"]
@@ -65,6 +65,9 @@ class FineTuneModule(LightningModule):
             under mixed precision skip peft's exact fp32 round trip of 16-bit inputs (which leaves an extra copy),
             and the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it (Llama/Mistral/Qwen2/Qwen3).
         fused_optimizer: Use PyTorch's fused AdamW kernel (one kernel for all parameters; same update).
+        neftune_alpha: NEFTune: add uniform noise of size ``alpha / sqrt(length x hidden)`` to the input embeddings while
+            training (Jain et al., 2023, https://arxiv.org/abs/2310.05914; ``length`` is each example's own length in
+            packed batches, the padded length otherwise); ``null`` disables. Papers use 5-15.
         compile: ``torch.compile`` each transformer block (fuses elementwise work; the first steps are slower while
             it compiles).
     """
@@ -89,6 +92,7 @@ class FineTuneModule(LightningModule):
         frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         lean_activations: bool = True,
         fused_optimizer: bool = True,
+        neftune_alpha: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -113,6 +117,9 @@ class FineTuneModule(LightningModule):
         self.fused_optimizer = fused_optimizer
         self.lean_activations = lean_activations
         self.compile_blocks = compile
+        if neftune_alpha is not None and neftune_alpha <= 0:
+            raise UserError(f"neftune_alpha must be > 0 or null, got {neftune_alpha}")
+        self.neftune_alpha = neftune_alpha
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         # Checkpoints hold trainable weights only, so loading them must not demand the frozen base.
@@ -170,6 +177,8 @@ class FineTuneModule(LightningModule):
             own_mapped_weights(model)  # else the few fp32 weights left would keep the whole checkpoint file resident
         if self.lean_activations:
             lean_activations(model)
+        if self.neftune_alpha is not None:
+            add_neftune(model, self.neftune_alpha)
         if self.compile_blocks:
             compile_blocks(model)
         if self.gradient_checkpointing:
@@ -275,6 +284,23 @@ class FineTuneModule(LightningModule):
         # keep trainable weights only: the frozen base is reloaded from model_name on resume
         names = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+
+def add_neftune(model: torch.nn.Module, alpha: float) -> None:
+    """Add NEFTune noise to the input embeddings' output in training mode (see ``neftune_alpha``)."""
+    embeddings = model.get_input_embeddings()
+
+    def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return out
+        lengths = token_lengths()
+        if lengths is not None and lengths.numel() == out.shape[1]:
+            scale = alpha / torch.sqrt(lengths.to(out.device, torch.float32) * out.shape[-1])[None, :, None]
+        else:
+            scale = alpha / math.sqrt(out.shape[1] * out.shape[-1])
+        return out + torch.empty_like(out).uniform_(-1, 1) * scale
+
+    embeddings.register_forward_hook(hook)
 
 
 def _check_target_modules(model: torch.nn.Module, config: Any, method: str) -> None:
