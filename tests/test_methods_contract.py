@@ -236,3 +236,16 @@ def test_prompt_learning_loss_equals_peft_and_generation_works(cls, tiny_model, 
     prompts = PromptCollator(module.tokenizer.pad_token_id)(examples)
     out = module.task.predict(module.model.eval(), prompts, module.tokenizer)
     assert len(out) == 2 and all(isinstance(o["prediction"], str) for o in out)
+
+
+def test_incompatible_settings_fail_before_weights_load(tiny_model, monkeypatch):
+    from ftframe.errors import UserError
+
+    module = LastLayers(model_name=tiny_model, num_layers=5)
+
+    def no_load():
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(module, "load_base_model", no_load)
+    with pytest.raises(UserError, match=r"num_layers=5, but .* has 2 blocks; use 0\.\.2"):
+        module.configure_model()

@@ -40,6 +40,7 @@ class FineTuneModule(LightningModule):
     * :meth:`adapt` -- transform the loaded model yourself (methods ``peft`` lacks; the default applies
       :meth:`peft_config` or, when that is ``None``, trains every parameter).
     * :meth:`load_base_model` -- change how the frozen base is loaded (``QLoRA``: 4-bit NF4 via bitsandbytes).
+    * :meth:`check_base` -- refuse an unsuitable base model from its config, before its weights load.
     * :meth:`save_trained` -- change what is written as the trained artifact (default: the peft adapter folder,
       or the whole model when no peft config is used).
 
@@ -127,6 +128,12 @@ class FineTuneModule(LightningModule):
         self.val_loss = MeanMetric()
 
     # ------------------------------------------------------------------ hooks for subclasses
+    def check_base(self, config: Any) -> None:
+        """Refuse a base model this method cannot work with, from its config alone (before any weight loads).
+
+        Raise :class:`ftframe.errors.UserError` saying why and what works instead. Default: accept every model.
+        """
+
     def peft_config(self) -> Any:
         """Return a ``peft`` config to apply to the base model, or ``None`` to train the model as loaded."""
         return None
@@ -167,6 +174,9 @@ class FineTuneModule(LightningModule):
         if self.model is not None:  # fit -> validate reuse the same model; Lightning may call this more than once
             return
         self.tokenizer = load_tokenizer(self.model_name)
+        from transformers import AutoConfig
+
+        self.check_base(AutoConfig.from_pretrained(resolve_model(self.model_name)))  # before any weight is loaded
         model = self.load_base_model()
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -57,6 +57,12 @@ class LastLayers(FineTuneModule):
         self.train_head = train_head
         self.unfreeze_every = unfreeze_every
 
+    def check_base(self, config: Any) -> None:
+        layers = getattr(config, "num_hidden_layers", None)
+        if layers is not None and self.num_layers > layers:
+            raise UserError(f"LastLayers: num_layers={self.num_layers}, but {self.model_name!r} has {layers} blocks; "
+                            f"use 0..{layers} ({layers} trains every block: see FullFineTune)")
+
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
         blocks = _blocks(model)
         if self.num_layers > len(blocks):

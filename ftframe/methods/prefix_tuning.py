@@ -44,6 +44,11 @@ class PrefixTuning(FineTuneModule):
         self.projection = projection
         self.projection_hidden = projection_hidden
 
+    def check_base(self, config: Any) -> None:
+        if not getattr(config, "use_cache", True) or getattr(config, "is_encoder_decoder", False):
+            raise UserError(f"PrefixTuning needs a decoder-only model with a key/value cache; {self.model_name!r} "
+                            f"({getattr(config, 'model_type', '?')}) has none. Use PromptTuning or PTuning instead")
+
     def peft_config(self) -> Any:
         from peft import PrefixTuningConfig
 
