@@ -64,6 +64,10 @@ METHODS = {
              lambda name: "lora_A" in name or "lora_B" in name or "lora_magnitude_vector" in name, _reload_peft),
     "rsLoRA": (LoRA, {"r": 4, "dropout": 0.0, "use_rslora": True}, lambda name: "lora_A" in name or "lora_B" in name,
                _reload_peft),
+    "PiSSA": (LoRA, {"r": 4, "dropout": 0.0, "init": "pissa"}, lambda name: "lora_A" in name or "lora_B" in name,
+              _reload_peft),
+    "OLoRA": (LoRA, {"r": 4, "dropout": 0.0, "init": "olora"}, lambda name: "lora_A" in name or "lora_B" in name,
+              _reload_peft),
     "IA3": (IA3, {}, lambda name: "ia3_l" in name, _reload_peft),
     "LastLayers": (LastLayers, {"num_layers": 1},
                    lambda name: ".layers.1." in name or name.endswith("model.norm.weight") or "embed_tokens" in name,
@@ -80,7 +84,8 @@ METHODS = {
               lambda name: "lora_A" in name or "lora_B" in name, _reload_qlora),
 }
 # Max |logit difference| allowed after save -> load: exact for every method.
-LOGIT_TOLERANCE: dict[str, float] = {}
+# PiSSA/OLoRA adapters are saved converted to rank-2r adapters on the original weights: equal up to float rounding.
+LOGIT_TOLERANCE: dict[str, float] = {"PiSSA": 1e-4, "OLoRA": 1e-4}
 
 
 @pytest.fixture(params=list(METHODS))

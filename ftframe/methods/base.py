@@ -161,12 +161,16 @@ class FineTuneModule(LightningModule):
     def save_trained(self, directory: str | Path) -> None:
         """Write what training produced: a ``peft`` adapter folder, or the whole model if no peft config is used."""
         assert self.model is not None, "configure_model() has not run"
+        self._save(self.model, str(directory))
+
+    def _save(self, model: torch.nn.Module, directory: str, **kwargs: Any) -> None:
+        """``model.save_pretrained`` in safetensors, with the hub switched off when the base is local."""
         if resolve_model(self.model_name) != self.model_name:
             # a local base (asset, folder, gguf): stop peft from looking its name up on the hub while saving
             with _env(HF_HUB_OFFLINE="1"):
-                self.model.save_pretrained(str(directory), safe_serialization=True)
+                model.save_pretrained(directory, safe_serialization=True, **kwargs)
         else:
-            self.model.save_pretrained(str(directory), safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True, **kwargs)
 
     # ------------------------------------------------------------------ plumbing
     @final

@@ -16,7 +16,8 @@ __all__ = ["LoRA", "lora_config"]
 
 
 def lora_config(
-    r: int, alpha: float, dropout: float, target_modules: str | list[str], bias: str, use_rslora: bool = False
+    r: int, alpha: float, dropout: float, target_modules: str | list[str], bias: str, use_rslora: bool = False,
+    init: str = "default",
 ) -> Any:
     """Build a ``peft.LoraConfig`` after checking the values (shared by LoRA and QLoRA)."""
     from peft import LoraConfig
@@ -34,6 +35,7 @@ def lora_config(
         target_modules=target_modules,
         bias=bias,
         use_rslora=use_rslora,
+        init_lora_weights=True if init == "default" else init,
     )
 
 
@@ -47,6 +49,11 @@ class LoRA(FineTuneModule):
         target_modules: Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear`` for every linear layer
             except the output head.
         bias: Which biases to train alongside the adapters.
+        init: How the factors start. ``default``: ``B = 0`` (training starts from the base model). ``pissa``
+            (Meng et al., 2024, https://arxiv.org/abs/2404.02948) / ``olora`` (Buyukakyuz, 2024,
+            https://arxiv.org/abs/2406.01775): from the principal components (SVD) / a QR decomposition of each weight,
+            which is replaced by the residual so the model starts unchanged. The saved adapter is converted to a plain
+            LoRA adapter (rank ``2 r``) that applies to the original base.
         use_rslora: Scale the update by ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilised LoRA, Kalajdzievski,
             2023, https://arxiv.org/abs/2312.03732), which keeps the update's size steady as ``r`` grows.
         **kwargs: See :class:`FineTuneModule`.
@@ -64,12 +71,33 @@ class LoRA(FineTuneModule):
         target_modules: str | list[str] = "all-linear",
         bias: Literal["none", "all", "lora_only"] = "none",
         use_rslora: bool = False,
+        init: Literal["default", "pissa", "olora"] = "default",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lora = dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, bias=bias,
-                         use_rslora=use_rslora)
+                         use_rslora=use_rslora, init=init)
+        self._initial_adapter: Any = None
         self.peft_config()  # validate options now, not after the model has loaded
 
     def peft_config(self) -> Any:
         return lora_config(**self.lora)
+
+    def adapt(self, model: Any) -> Any:
+        model = super().adapt(model)
+        if self.lora["init"] != "default":
+            # keep the initial factors: saving converts the trained adapter into one for the original base weights
+            import tempfile
+
+            self._initial_adapter = tempfile.TemporaryDirectory(prefix="ftframe-lora-init-")
+            config = model.peft_config["default"]
+            config.init_lora_weights = True  # peft: the initial copy must load as a plain LoRA adapter
+            self._save(model, self._initial_adapter.name)
+            config.init_lora_weights = self.lora["init"]
+        return model
+
+    def save_trained(self, directory: Any) -> None:
+        if self._initial_adapter is None:
+            return super().save_trained(directory)
+        assert self.model is not None
+        self._save(self.model, str(directory), path_initial_model_for_weight_conversion=self._initial_adapter.name)
