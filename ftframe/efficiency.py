@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ftframe.models import transformer_blocks, transformers_model
+
 __all__ = ["cast_frozen_linear", "compile_blocks", "lean_activations", "own_mapped_weights"]
 
 # Architectures whose MLP is ``down(silu(gate(x)) * up(x))``
@@ -76,8 +78,7 @@ def own_mapped_weights(model: torch.nn.Module) -> int:
 
 def compile_blocks(model: torch.nn.Module) -> int:
     """``torch.compile`` every repeated transformer block in place (regional compilation); returns how many."""
-    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
-    layers = max(blocks, key=len) if blocks else []
+    layers = transformer_blocks(model)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
@@ -179,8 +180,7 @@ def lean_activations(model: torch.nn.Module) -> int:
     * The SwiGLU MLP keeps ``gate`` and ``up`` but not ``silu(gate)``, recomputing it in the backward pass
       (architectures in :data:`SWIGLU_TYPES`).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
-    config = getattr(base, "config", None)
+    config = getattr(transformers_model(model), "config", None)
     swiglu = (getattr(config, "model_type", None) in SWIGLU_TYPES
               and getattr(config, "hidden_act", None) in ("silu", "swish"))
     changed = 0

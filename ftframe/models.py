@@ -22,7 +22,9 @@ import torch
 from ftframe import assets
 from ftframe.errors import UserError
 
-__all__ = ["DTYPES", "DTypeName", "load_model", "load_tokenizer", "resolve_model"]
+__all__ = [
+    "DTYPES", "DTypeName", "load_model", "load_tokenizer", "resolve_model", "transformer_blocks", "transformers_model",
+]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,3 +132,17 @@ def load_model(
         raise UserError(f"could not load model {name!r}: {e}. Pass a local folder, a .gguf file, a reachable hub id "
                         f"or an asset name ({sorted(assets.ASSETS)}).") from e
     return model
+
+
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside a ``peft`` wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks: its longest ``ModuleList``."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise UserError(f"{type(model).__name__} has no list of transformer blocks")
+    return max(lists, key=len)

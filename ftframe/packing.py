@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ATTENTION", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward", "packing_mode", "token_lengths", "unpack", "varlen_attention",
-    "varlen_kwargs",
+    "ATTENTION", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward", "packing_mode",
+    "token_lengths", "unpack", "varlen_attention", "varlen_kwargs",
 ]
 
 ATTENTION = "ftframe_varlen"
@@ -30,14 +30,14 @@ _VARLEN_NATIVE = {ATTENTION, "flash_attention_2", "flash_attention_3"}
 # Set while ftframe itself runs a packed forward pass: the mask hook then skips building a dense
 # (tokens x tokens) block-diagonal mask, because the attention function gets the example boundaries instead.
 _PACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("ftframe_packed", default=False)
-# per-token length of the example each token belongs to, during a packed forward pass (for NEFTune's noise scale)
-_LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("ftframe_lengths", default=None)
+# the example boundaries during a packed forward pass (token_lengths() derives NEFTune's per-token scale from them)
+_BOUNDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("ftframe_bounds", default=None)
 _registered = False
 
 
 def batch_examples(batch: dict[str, Any]) -> int:
     """Number of examples in a packed or padded batch."""
-    if "cu_seq_lens" in batch:
+    if is_packed(batch):
         return len(batch["cu_seq_lens"]) - 1
     return int(batch["input_ids"].shape[0])
 
@@ -121,22 +121,21 @@ def packing_mode(model: torch.nn.Module) -> str:
 @contextmanager
 def packed_forward(cu_seq_lens: torch.Tensor | None = None) -> Iterator[None]:
     """Mark a packed forward pass; with ``cu_seq_lens``, :func:`token_lengths` gives each token's example length."""
-    token = _PACKED.set(True)
-    lengths = None
-    if cu_seq_lens is not None:
-        sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
-        lengths = torch.repeat_interleave(sizes, sizes)
-    token_l = _LENGTHS.set(lengths)
+    token, token_b = _PACKED.set(True), _BOUNDS.set(cu_seq_lens)
     try:
         yield
     finally:
-        _LENGTHS.reset(token_l)
+        _BOUNDS.reset(token_b)
         _PACKED.reset(token)
 
 
 def token_lengths() -> torch.Tensor | None:
     """Inside a packed forward pass: the length of the example each token belongs to, shape ``(tokens,)``."""
-    return _LENGTHS.get()
+    bounds = _BOUNDS.get()
+    if bounds is None:
+        return None
+    sizes = (bounds[1:] - bounds[:-1]).long()
+    return torch.repeat_interleave(sizes, sizes)
 
 
 def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:

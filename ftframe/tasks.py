@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ftframe.errors import UserError
 from ftframe.losses import linear_cross_entropy
+from ftframe.models import transformers_model
 from ftframe.packing import is_packed, packed_forward, packing_mode, unpack, varlen_kwargs
 
 __all__ = ["CausalLM", "Task"]
@@ -71,7 +72,7 @@ class CausalLM(Task):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         packed = is_packed(batch)
         prompt_learning, virtual = _virtual_tokens(model)
-        if packed and (prompt_learning or packing_mode(_transformers_model(model)) == "unpack"):
+        if packed and (prompt_learning or packing_mode(transformers_model(model)) == "unpack"):
             batch, packed = unpack(batch), False  # virtual tokens go in front of each example, not of the row
         targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
         keep = targets != -100  # (B, T-1); a packed batch has -100 on every example's first token
@@ -119,12 +120,6 @@ def _virtual_tokens(model: torch.nn.Module) -> tuple[bool, int]:
     return True, int(config.num_virtual_tokens)
 
 
-def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``transformers`` model inside a ``peft`` wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
-
-
 def _decoder_and_head(model: torch.nn.Module,
                       inputs: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """``(decoder, output layer)`` when ``model(x).logits == head(decoder(x))``, else ``None``.
@@ -139,7 +134,7 @@ def _decoder_and_head(model: torch.nn.Module,
     if config is not None and getattr(config, "is_prompt_learning", False):
         model._ftframe_split_ok = False
         return None
-    base = _transformers_model(model)
+    base = transformers_model(model)
     get_decoder = getattr(base, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

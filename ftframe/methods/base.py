@@ -60,11 +60,13 @@ class FineTuneModule(LightningModule):
         min_lr_ratio: Final LR as a fraction of the peak for the cosine schedule.
         gradient_checkpointing: Recompute activations in the backward pass to save memory (slower).
         frozen_dtype: Storage dtype of frozen linear weights. ``auto``: under ``bf16-mixed`` / ``16-mixed`` precision,
-            the 16-bit type autocast computes them in anyway -- same results, half the memory, no per-step casts.
-            Embeddings (and a head tied to them) and trainable weights are never converted.
-        lean_activations: Keep fewer activation copies for the backward pass, with identical results: LoRA branches
-            under mixed precision skip peft's exact fp32 round trip of 16-bit inputs (which leaves an extra copy),
-            and the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it (Llama/Mistral/Qwen2/Qwen3).
+            the 16-bit type autocast computes them in anyway -- same results, half the memory, no per-step casts --
+            for methods that use frozen weights only in matmuls (``cast_frozen_weights``: LoRA, LastLayers,
+            BottleneckAdapters); as loaded otherwise. Embeddings (and a head tied to them) and trainable weights are
+            never converted.
+        lean_activations: Keep fewer activation copies for the backward pass, with identical results: under mixed
+            precision, layers reading the same input share one 16-bit copy of it and LoRA branches skip peft's exact
+            fp32 round trip of 16-bit inputs; the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it.
         fused_optimizer: Use PyTorch's fused AdamW kernel (one kernel for all parameters; same update).
         neftune_alpha: NEFTune: add uniform noise of size ``alpha / sqrt(length x hidden)`` to the input embeddings while
             training (Jain et al., 2023, https://arxiv.org/abs/2310.05914; ``length`` is each example's own length in

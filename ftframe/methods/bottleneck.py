@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
+from ftframe.models import transformer_blocks
 
 __all__ = ["Bottleneck", "BottleneckAdapters", "add_bottleneck_adapters", "load_bottleneck_adapters"]
 
@@ -49,13 +50,6 @@ def _after(adapter: Bottleneck):
     return hook
 
 
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise UserError(f"{type(model).__name__} has no list of transformer blocks to put adapters in")
-    return max(lists, key=len)
-
-
 def add_bottleneck_adapters(model: torch.nn.Module, size: int, after: list[str], dropout: float = 0.0) -> int:
     """Attach a :class:`Bottleneck` after each named submodule of every block; returns how many were added.
 
@@ -64,7 +58,7 @@ def add_bottleneck_adapters(model: torch.nn.Module, size: int, after: list[str],
     """
     hidden = model.config.hidden_size
     added = 0
-    for block in _blocks(model):
+    for block in transformer_blocks(model):
         for name in after:
             target = getattr(block, name, None)
             if not isinstance(target, torch.nn.Module):

@@ -14,16 +14,9 @@ import torch
 
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
+from ftframe.models import transformer_blocks
 
 __all__ = ["LastLayers"]
-
-
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of transformer blocks: its longest ``ModuleList``."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise UserError(f"{type(model).__name__} has no list of transformer blocks; LastLayers cannot tell them apart")
-    return max(lists, key=len)
 
 
 class LastLayers(FineTuneModule):
@@ -64,7 +57,7 @@ class LastLayers(FineTuneModule):
                             f"use 0..{layers} ({layers} trains every block: see FullFineTune)")
 
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
-        blocks = _blocks(model)
+        blocks = transformer_blocks(model)
         if self.num_layers > len(blocks):
             raise UserError(f"num_layers={self.num_layers} but {type(model).__name__} has {len(blocks)} blocks")
         model.requires_grad_(False)
