@@ -55,7 +55,7 @@ def test_real_chat_template_masks(tmp_path):
 METHOD_ARGS = {"LoRA": ["--model.r=4"], "QLoRA": ["--model.r=4"], "DoRA": ["--model.r=4"], "IA3": [],
                "LastLayers": ["--model.num_layers=1"], "PromptTuning": ["--model.num_virtual_tokens=4"],
                "PTuning": ["--model.num_virtual_tokens=4"], "PrefixTuning": ["--model.num_virtual_tokens=4"],
-               "BottleneckAdapters": ["--model.size=8"]}
+               "BottleneckAdapters": ["--model.size=8"], "QLoRA-LoftQ": ["--model.r=4", "--model.init=loftq"]}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
@@ -63,7 +63,7 @@ def test_two_step_fit_on_the_real_model(method, tmp_path):
     from ftframe.cli import main
 
     out = tmp_path / "adapter"
-    main(["fit", f"--model=ftframe.methods.{method}", f"--model.model_name={MODEL}", *METHOD_ARGS[method],
+    main(["fit", f"--model=ftframe.methods.{method.split('-')[0]}", f"--model.model_name={MODEL}", *METHOD_ARGS[method],
           "--data.train_files=gsm8k", "--data.val_size=8", "--data.batch_size=2", "--data.max_length=256",
           "--data.max_train_examples=8", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
           "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed", "--trainer.logger=false",
@@ -82,6 +82,8 @@ def test_two_step_fit_on_the_real_model(method, tmp_path):
         weights = load_file(str(out / "bottleneck_adapters.safetensors"))
         assert weights and all(torch.isfinite(w).all() for w in weights.values())
         return
+    if method == "QLoRA-LoftQ":  # the adapter records the 4-bit base it belongs to
+        assert json.loads((out / "ftframe_base_quantization.json").read_text())["quantization_config"]["load_in_4bit"]
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL

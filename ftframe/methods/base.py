@@ -151,7 +151,6 @@ class FineTuneModule(LightningModule):
             return model
         from peft import get_peft_model
 
-        _check_target_modules(model, config, type(self).__name__)
         if getattr(config, "task_type", None) is None and self.task.peft_task_type:
             config.task_type = self.task.peft_task_type
         peft_model = get_peft_model(model, config)
@@ -182,7 +181,14 @@ class FineTuneModule(LightningModule):
         self.tokenizer = load_tokenizer(self.model_name)
         from transformers import AutoConfig
 
-        self.check_base(AutoConfig.from_pretrained(resolve_model(self.model_name)))  # before any weight is loaded
+        config = AutoConfig.from_pretrained(resolve_model(self.model_name))
+        self.check_base(config)  # before any weight is loaded
+        peft_config = self.peft_config()
+        if isinstance(getattr(peft_config, "target_modules", None), (list, set)):
+            # module names come from the architecture alone: check them on a weightless (meta) skeleton
+            with torch.device("meta"):
+                skeleton = self.task.auto_class().from_config(config)
+            _check_target_modules(skeleton, peft_config, type(self).__name__)
         model = self.load_base_model()
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -53,7 +53,8 @@ class LoRA(FineTuneModule):
             (Meng et al., 2024, https://arxiv.org/abs/2404.02948) / ``olora`` (Buyukakyuz, 2024,
             https://arxiv.org/abs/2406.01775): from the principal components (SVD) / a QR decomposition of each weight,
             which is replaced by the residual so the model starts unchanged. The saved adapter is converted to a plain
-            LoRA adapter (rank ``2 r``) that applies to the original base.
+            LoRA adapter (rank ``2 r``) that applies to the original base. ``loftq`` is refused here: it needs a
+            quantized base (``QLoRA`` with ``init: loftq``).
         use_rslora: Scale the update by ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilised LoRA, Kalajdzievski,
             2023, https://arxiv.org/abs/2312.03732), which keeps the update's size steady as ``r`` grows.
         **kwargs: See :class:`FineTuneModule`.
@@ -71,10 +72,15 @@ class LoRA(FineTuneModule):
         target_modules: str | list[str] = "all-linear",
         bias: Literal["none", "all", "lora_only"] = "none",
         use_rslora: bool = False,
-        init: Literal["default", "pissa", "olora"] = "default",
+        init: Literal["default", "pissa", "olora", "loftq"] = "default",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if init == "loftq":
+            raise UserError("LoRA init: loftq needs a quantized base: LoftQ starts the factors from the error of "
+                            "quantizing each weight to 4 bits, and LoRA's base is not quantized. Use "
+                            "--model=ftframe.methods.QLoRA --model.init=loftq (configs/methods/loftq.yaml), or "
+                            "init: pissa / olora for a full-precision base")
         self.lora = dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, bias=bias,
                          use_rslora=use_rslora, init=init)
         self._initial_adapter: Any = None

@@ -7,16 +7,20 @@ with bitsandbytes >= 0.46, on CPU.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 from ftframe.methods.lora import lora_config
-from ftframe.models import DTYPES, load_model
+from ftframe.models import DTYPES, load_model, resolve_model
 
-__all__ = ["QLoRA"]
+__all__ = ["BASE_QUANTIZATION_FILE", "QLoRA", "keep_trainable_layout", "loftq_initialize"]
 
 
 class QLoRA(FineTuneModule):
@@ -31,6 +35,10 @@ class QLoRA(FineTuneModule):
         quant_type: 4-bit data type of the frozen weights.
         double_quant: Also quantize the quantization constants (saves ~0.4 bit per parameter).
         compute_dtype: dtype the 4-bit weights are dequantized to for matmuls.
+        init: How the LoRA factors start. ``default``: ``B = 0`` (training starts from the quantized base). ``loftq``
+            (Li et al., 2023, https://arxiv.org/abs/2310.08659): from the rank-``r`` SVD of each weight's quantization
+            error ``W - dequant(quant(W))``, so training starts closer to the full-precision model. The saved adapter
+            belongs to the 4-bit base: ``ftframe generate`` loads that base quantized the same way.
         **kwargs: See :class:`FineTuneModule`.
     """
 
@@ -45,6 +53,7 @@ class QLoRA(FineTuneModule):
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
         compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        init: Literal["default", "loftq"] = "default",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -52,10 +61,22 @@ class QLoRA(FineTuneModule):
         self.quant_type = quant_type
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
+        self.init = init
         self.peft_config()
 
     def peft_config(self) -> Any:
         return lora_config(**self.lora)
+
+    def quantization_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` the base is loaded with."""
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
+        )
 
     def load_base_model(self) -> torch.nn.Module:
         try:
@@ -63,14 +84,8 @@ class QLoRA(FineTuneModule):
         except ImportError as e:
             raise UserError("QLoRA needs bitsandbytes: pip install 'bitsandbytes>=0.46'") from e
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
-        )
+        quant = self.quantization_config()
         # bitsandbytes quantizes while loading, so weights must land directly on the training device
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         model = load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name,
@@ -78,6 +93,94 @@ class QLoRA(FineTuneModule):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         keep_trainable_layout(model)
         return model
+
+    def adapt(self, model: Any) -> Any:
+        model = super().adapt(model)
+        if self.init == "loftq":
+            n = loftq_initialize(model, resolve_model(self.model_name))
+            rank_zero_info(f"[ftframe] LoftQ: initialized {n} LoRA pairs from the 4-bit quantization error")
+        return model
+
+    def save_trained(self, directory: Any) -> None:
+        super().save_trained(directory)
+        if self.init == "loftq":
+            # the factors correct *this* 4-bit base: record how to rebuild it, for ftframe generate and users
+            base = {"quantization_config": self.quantization_config().to_dict(),
+                    "why": "LoftQ-initialized LoRA factors correct the 4-bit base's quantization error; load the "
+                           "base quantized with this config, not in full precision"}
+            (Path(directory) / BASE_QUANTIZATION_FILE).write_text(json.dumps(base, indent=2))
+
+
+#: Written next to an adapter that must be applied to a quantized base (LoftQ); read by ``ftframe generate``.
+BASE_QUANTIZATION_FILE = "ftframe_base_quantization.json"
+
+
+@torch.no_grad()
+def loftq_initialize(model: torch.nn.Module, folder: str, adapter: str = "default") -> int:
+    """LoftQ (one alternating step) on a peft LoRA model over a bitsandbytes 4-bit base; returns the layers changed.
+
+    For each quantized linear layer with a LoRA pair, the full-precision weight ``W`` is read lazily from the base's
+    safetensors in ``folder`` and the pair is set to the best rank-``r`` approximation of ``W - dequant(Q)``, where
+    ``Q`` is the layer's 4-bit weight, scaled so that ``scaling * B @ A`` equals it. ``Q`` itself is unchanged, so the
+    adapter still applies to a fresh 4-bit load of the same base. (peft's own LoftQ helpers compute on CUDA only.)
+    """
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+
+    weights = _safetensors_index(folder)
+    opened: dict[str, Any] = {}
+    changed = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit) or adapter not in module.lora_A:
+            continue
+        key = name.split("base_model.model.", 1)[-1] + ".weight"
+        if key not in weights:
+            raise UserError(f"LoftQ: weight {key!r} not found in the safetensors files of {folder}")
+        from safetensors import safe_open
+
+        file = weights[key]
+        if file not in opened:
+            opened[file] = safe_open(file, framework="pt", device="cpu")
+        qweight = module.get_base_layer().weight
+        full = opened[file].get_tensor(key).to(qweight.device, torch.float32)
+        residual = full - bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state).float()
+        rank = module.r[adapter]
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = s[:rank].sqrt()
+        scale = math.sqrt(module.scaling[adapter])
+        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        lora_a.copy_((root[:, None] * vh[:rank]) / scale)
+        lora_b.copy_((u[:, :rank] * root[None, :]) / scale)
+        changed += 1
+    if changed == 0:
+        raise UserError("LoftQ found no LoRA layer on a 4-bit quantized weight; check target_modules")
+    return changed
+
+
+def _safetensors_index(folder: str) -> dict[str, str]:
+    """Map each tensor name to its safetensors file for a local model folder (or a cached hub snapshot)."""
+    path = Path(folder)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(folder, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as e:  # noqa: BLE001 - any hub failure means the same thing here
+            raise UserError(f"LoftQ needs the base's full-precision safetensors; could not get them for {folder!r}: "
+                            f"{e}") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: str(path / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"LoftQ needs the base's full-precision weights as safetensors; {path} has none")
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            out.update(dict.fromkeys(handle.keys(), str(f)))
+    return out
 
 
 def keep_trainable_layout(model: torch.nn.Module) -> int:
