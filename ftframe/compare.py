@@ -290,7 +290,7 @@ def _chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.legend(loc="lower right", fontsize=8)
             low = min(min(values), min(r["val_loss_before"] or 9e9 for r in rows))
             ax.set_xlim(left=max(0.0, low - 0.2))
-        if scale:
+        if scale and any(v > 0 for v in values):
             ax.set_xscale(scale)
         ax.set_title(name, fontsize=10)
         ax.grid(axis="x", alpha=0.3)

@@ -69,9 +69,7 @@ class Generator:
         else:
             base = load_model(model, AutoModelForCausalLM, dtype=dtype)
         if kind == "peft":
-            from peft import PeftModel
-
-            base = PeftModel.from_pretrained(base, str(adapter_dir))
+            base = _load_peft(base, adapter_dir, model)
         elif kind == "bottleneck":
             from ftframe.methods.bottleneck import load_bottleneck_adapters
 
@@ -162,3 +160,28 @@ def generate(
         answers.append(answer)
         print(f">>> {p}\n{answer}\n", flush=True)
     return answers
+
+
+def _load_peft(base: Any, adapter_dir: Path, model_name: str) -> Any:
+    """``PeftModel.from_pretrained``, with a mismatch between adapter and base reported as one clear error."""
+    import warnings
+
+    from peft import PeftModel
+
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    hint = (f"the adapter {adapter_dir} was trained on {recorded!r}; it does not fit the base {model_name!r}. "
+            "Pass the base it was trained on (--model), or omit --model to use the recorded one")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            loaded = PeftModel.from_pretrained(base, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise UserError(f"{hint} ({type(e).__name__}: {first})") from None
+    missing = [w for w in caught if "missing adapter keys" in str(w.message).lower()]
+    if missing:
+        raise UserError(f"{hint} (peft: {str(missing[0].message).splitlines()[0][:300]})")
+    for w in caught:
+        if "missing adapter keys" not in str(w.message).lower():
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded

@@ -32,7 +32,7 @@ def arithmetic_records(n: int = 48) -> list[dict[str, str]]:
     return recs
 
 
-def build_tiny_model(folder: Path) -> Path:
+def build_tiny_model(folder: Path, hidden_size: int = 64) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -55,7 +55,7 @@ def build_tiny_model(folder: Path) -> Path:
     tok.chat_template = CHATML
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )

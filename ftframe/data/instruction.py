@@ -29,7 +29,7 @@ from ftframe.data.readers import read_records, resolve_source
 from ftframe.data.templates import TEMPLATES, Format, detect_format, render, to_messages
 from ftframe.errors import UserError
 
-__all__ = ["InstructionDataModule"]
+__all__ = ["InstructionDataModule", "split_indices"]
 
 CACHE_VERSION = 1
 # per-example status codes stored in the cache
@@ -312,11 +312,7 @@ class InstructionDataModule(LightningDataModule):
         return ids[: self.max_length], labels[: self.max_length], TRUNCATED
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
-        n_val = int(round(self.val_size * n)) if self.val_size < 1 else int(self.val_size)
-        if n_val >= n:
-            raise UserError(f"val_size={self.val_size} leaves no training records out of {n}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        return sorted(order[n_val:]), sorted(order[:n_val])
+        return split_indices(n, self.val_size, self.seed)
 
     def _dataset(self, split: str, data: dict[str, Any], indices: list[int], limit: int | None) -> TokenDataset:
         offsets, status = data["offsets"], data["status"]
@@ -350,3 +346,15 @@ class InstructionDataModule(LightningDataModule):
 
 def _is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
+
+
+def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, val)`` record indices of the held-out split ``InstructionDataModule`` makes from ``n`` records.
+
+    Evaluation uses it to score exactly the records a run held out (``ftframe evaluate --split val``).
+    """
+    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    if n_val >= n:
+        raise UserError(f"val_size={val_size} leaves no training records out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])

@@ -1,0 +1,437 @@
+"""Multiple-choice evaluation by log-likelihood, scored the way lm-evaluation-harness scores it.
+
+A question is rendered into a *context* (optional description, k worked examples, the question) and each choice
+into a *continuation* (``" " + choice text``, or ``" A"`` ... for the letter format). The score of a choice is the
+sum of the log-probabilities of its continuation tokens given the context; ``acc`` takes the best score,
+``acc_norm`` the best score divided by the choice's length in characters. Tokenization follows the harness: trailing
+spaces of the context move to the continuation, the continuation's tokens are those of ``context + continuation``
+after the context's own tokens, and the tokenizer's default special tokens are used.
+
+The context is encoded once per question: one forward pass over the (left-padded) contexts of a batch of questions
+gives every choice's first token; choices longer than one token are then run for all choices at once on top of the
+contexts' key/value cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ftframe.errors import UserError
+
+__all__ = [
+    "FORMATS",
+    "MCQuestion",
+    "PromptFormat",
+    "load_questions",
+    "score_multiple_choice",
+    "summarize",
+]
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """One multiple-choice question. ``label`` is the index of the correct choice."""
+
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    label: int
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions become text: data, not code, so new formats need no new scoring code.
+
+    ``question`` is a ``str.format`` template with ``{question}``, ``{choices}`` (the choices block, rendered line by
+    line with ``choice_line``) and ``{subject}``; ``continuation`` renders each choice as scored (``{letter}``,
+    ``{text}``), after ``delimiter``; ``description`` goes in front of the examples (``{subject}`` available).
+    ``norm_text`` is what ``acc_norm`` divides by the length of: the continuation without the delimiter.
+    """
+
+    name: str
+    question: str
+    continuation: str
+    choice_line: str = ""
+    description: str = ""
+    delimiter: str = " "
+    shot_separator: str = "\n\n"
+
+    def render_question(self, q: MCQuestion) -> str:
+        block = "".join(self.choice_line.format(letter=LETTERS[i], text=c) for i, c in enumerate(q.choices))
+        return self.question.format(question=q.question.strip(), choices=block, subject=q.subject or "")
+
+    def choice_texts(self, q: MCQuestion) -> list[str]:
+        return [self.continuation.format(letter=LETTERS[i], text=c) for i, c in enumerate(q.choices)]
+
+    def context(self, q: MCQuestion, shots: Sequence[MCQuestion] = ()) -> str:
+        parts = [self.render_question(s) + self.delimiter + self.choice_texts(s)[s.label] for s in shots]
+        parts.append(self.render_question(q))
+        desc = self.description.format(subject=(q.subject or "").replace("_", " ")) if self.description else ""
+        return desc + self.shot_separator.join(parts)
+
+
+FORMATS: dict[str, PromptFormat] = {
+    # lm-evaluation-harness's MMLU prompt: letters as choices, the subject in a description line
+    "letter": PromptFormat(
+        name="letter",
+        description="The following are multiple choice questions (with answers) about {subject}.\n\n",
+        question="{question}\n{choices}Answer:",
+        choice_line="{letter}. {text}\n",
+        continuation="{letter}",
+    ),
+    # the choice text itself is scored after "Answer:" (ARC / HellaSwag style)
+    "continuation": PromptFormat(
+        name="continuation",
+        question="Question: {question}\nAnswer:",
+        continuation="{text}",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def load_questions(
+    path: str | Path,
+    question_field: str = "question",
+    choices_field: str = "choices",
+    label_field: str = "label",
+    subject_field: str = "subject",
+    id_field: str = "id",
+    limit: int | None = None,
+    subjects: Iterable[str] | None = None,
+) -> list[MCQuestion]:
+    """Read multiple-choice questions from JSONL (an asset name such as ``mmlu`` also works).
+
+    ``label`` may be the index of the correct choice, its letter (``"B"``) or its text. Every problem is an error naming
+    the file, line and field.
+    """
+    from ftframe import assets
+
+    path = assets.asset_path(str(path)) if assets.is_asset(str(path)) else Path(path)
+    if not path.is_file():
+        raise UserError(f"questions file {path} does not exist; pass a JSONL file with {question_field}/"
+                        f"{choices_field}/{label_field} per line, or an asset name (e.g. mmlu)")
+    wanted = set(subjects) if subjects else None
+    out: list[MCQuestion] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for key in (question_field, choices_field, label_field):
+                if key not in rec:
+                    raise UserError(f"{where}: missing field '{key}' (fields present: {sorted(rec)})")
+            question, choices, label = rec[question_field], rec[choices_field], rec[label_field]
+            if not isinstance(question, str):
+                raise UserError(f"{where}: field '{question_field}' must be a string, got {type(question).__name__}")
+            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+                raise UserError(f"{where}: field '{choices_field}' must be a list of strings")
+            if len(choices) < 2:
+                raise UserError(f"{where}: field '{choices_field}' has {len(choices)} choice(s); a multiple-choice "
+                                "question needs at least 2")
+            index = _label_index(label, choices)
+            if index is None:
+                raise UserError(f"{where}: field '{label_field}' = {label!r} is not a choice: use an index in "
+                                f"0..{len(choices) - 1}, a letter A..{LETTERS[len(choices) - 1]}, or a choice's text")
+            subject = rec.get(subject_field)
+            if wanted is not None and subject not in wanted:
+                continue
+            out.append(MCQuestion(id=str(rec.get(id_field, f"{path.stem}-{n}")), question=question,
+                                  choices=tuple(choices), label=index, subject=subject))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise UserError(f"{path}: no questions" + (f" for subjects {sorted(wanted)}" if wanted else ""))
+    return out
+
+
+def _label_index(label: Any, choices: list[str]) -> int | None:
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return label if 0 <= label < len(choices) else None
+    if isinstance(label, str):
+        if len(label) == 1 and label in LETTERS[: len(choices)]:
+            return LETTERS.index(label)
+        if label in choices:
+            return choices.index(label)
+        if label.isdigit() and int(label) < len(choices):
+            return int(label)
+    return None
+
+
+def few_shot(questions: Sequence[MCQuestion], k: int, seed: int) -> list[list[MCQuestion]]:
+    """For each question, ``k`` other questions of the same subject, drawn with a fixed seed."""
+    if k == 0:
+        return [[] for _ in questions]
+    by_subject: dict[Any, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_subject.setdefault(q.subject, []).append(i)
+    rng = random.Random(seed)
+    shots = []
+    for i, q in enumerate(questions):
+        pool = [j for j in by_subject[q.subject] if j != i]
+        if len(pool) < k:
+            raise UserError(f"k_shot={k} but subject {q.subject!r} has only {len(pool) + 1} questions; lower k_shot")
+        shots.append([questions[j] for j in rng.sample(pool, k)])
+    return shots
+
+
+# ---------------------------------------------------------------------------------------------------------- scoring
+@dataclass
+class _Item:
+    index: int
+    context: list[int]
+    continuations: list[list[int]]
+    norm_lengths: list[int]
+    truncated: int = 0
+
+
+@dataclass
+class MCResult:
+    """Per-question records and the counts of questions truncated or skipped for length."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens exactly as lm-evaluation-harness's ``hf`` backend makes them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    bos = tokenizer.bos_token
+    special = not (bos and text.startswith(bos))  # the tokenizer's default, unless the text starts with BOS already
+    return tokenizer.encode(text, add_special_tokens=special)
+
+
+def _max_length(model: Any, tokenizer: Any) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and value < 1_000_000 else 2048
+
+
+@torch.no_grad()
+def score_multiple_choice(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[MCQuestion],
+    prompt_format: PromptFormat | str = "letter",
+    k_shot: int = 0,
+    seed: int = 1234,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    overflow: Literal["error", "truncate", "skip"] = "error",
+    progress: bool = True,
+) -> MCResult:
+    """Score every choice of every question; returns per-question records (scores, prediction, gold).
+
+    Works on any causal LM, including a model being trained (call it from a callback: the model is put in eval
+    mode for the call and restored). ``overflow`` says what to do with a question whose context plus longest choice
+    exceeds ``max_length`` (default: the model's context window): ``error`` stops naming the question,
+    ``truncate`` drops context tokens from the left (as lm-evaluation-harness does), ``skip`` leaves it out and
+    counts it.
+    """
+    fmt = FORMATS[prompt_format] if isinstance(prompt_format, str) else prompt_format
+    limit = max_length or _max_length(model, tokenizer)
+    result = MCResult()
+    shots = few_shot(questions, k_shot, seed)
+    items: list[_Item] = []
+    for i, q in enumerate(questions):
+        context = fmt.context(q, shots[i])
+        texts = fmt.choice_texts(q)
+        pairs = [encode_pair(tokenizer, context, fmt.delimiter + t) for t in texts]
+        ctx = pairs[0][0]
+        conts = [c for _, c in pairs]
+        if any(len(c) == 0 for c in conts):
+            raise UserError(f"question {q.id}: a choice encodes to no tokens; check the prompt format")
+        longest = max(len(c) for c in conts)
+        item = _Item(i, ctx, conts, [len(t) for t in texts])
+        if len(ctx) + longest > limit:
+            if overflow == "error":
+                raise UserError(f"question {q.id}: {len(ctx)} context + {longest} choice tokens exceed max_length="
+                                f"{limit}; set overflow: truncate (drop context from the left) or skip, or use "
+                                "fewer shots")
+            if overflow == "skip":
+                result.skipped.append(q.id)
+                continue
+            if longest >= limit:
+                raise UserError(f"question {q.id}: a choice alone has {longest} tokens, more than max_length={limit}")
+            item.truncated = len(ctx) + longest - limit
+            item.context = ctx[item.truncated:]
+            result.truncated += 1
+        items.append(item)
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc="[ftframe] multiple choice", unit="question", disable=not progress)
+    scores: dict[int, tuple[list[float], list[bool]]] = {}
+    try:
+        # longest contexts first: similar lengths share a batch (less padding), and memory problems show at once
+        order = sorted(items, key=lambda it: -len(it.context))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for it, (lls, greedy) in zip(batch, _score_batch(model, batch, tokenizer, device), strict=True):
+                scores[it.index] = (lls, greedy)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    for it in items:
+        q = questions[it.index]
+        lls, greedy = scores[it.index]
+        normed = [ll / n for ll, n in zip(lls, it.norm_lengths, strict=True)]
+        pred, pred_norm = _argmax(lls), _argmax(normed)
+        result.records.append({
+            "id": q.id, "subject": q.subject, "gold": q.label, "pred": pred, "pred_norm": pred_norm,
+            "correct": pred == q.label, "correct_norm": pred_norm == q.label, "loglikelihoods": lls,
+            "greedy": greedy, "context_tokens": len(it.context), "truncated_tokens": it.truncated,
+        })
+    return result
+
+
+def _argmax(values: Sequence[float]) -> int:
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def _uses_prompt_learning(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and getattr(config, "is_prompt_learning", False))
+
+
+def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
+                 device: torch.device) -> list[tuple[list[float], list[bool]]]:
+    if _uses_prompt_learning(model):
+        return _score_full_sequences(model, batch, tokenizer, device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # 1. contexts, left-padded: the last column is every question's last context token
+    t = max(len(it.context) for it in batch)
+    ids = torch.full((len(batch), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    for r, it in enumerate(batch):
+        ids[r, t - len(it.context):] = torch.tensor(it.context)
+        mask[r, t - len(it.context):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): every choice's first token
+    results: list[tuple[list[float], list[bool]]] = []
+    for r, it in enumerate(batch):
+        lls = [float(first[r, c[0]]) for c in it.continuations]
+        top = int(first[r].argmax())
+        results.append((lls, [c[0] == top for c in it.continuations]))
+    # 2. choices longer than one token: all at once on the repeated context cache
+    rows = [(r, j) for r, it in enumerate(batch) for j, c in enumerate(it.continuations) if len(c) > 1]
+    if not rows:
+        return results
+    cache = out.past_key_values
+    index = torch.tensor([r for r, _ in rows], device=device)
+    cache.batch_select_indices(index)  # one cache row per (question, choice)
+    m = max(len(batch[r].continuations[j]) - 1 for r, j in rows)
+    cont = torch.full((len(rows), m), pad, dtype=torch.long)
+    cont_mask = torch.zeros((len(rows), m), dtype=torch.long)
+    for k, (r, j) in enumerate(rows):
+        tokens = batch[r].continuations[j][:-1]  # the last token is only predicted, never fed
+        cont[k, : len(tokens)] = torch.tensor(tokens)
+        cont_mask[k, : len(tokens)] = 1
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    full_mask = torch.cat([mask[index], cont_mask], dim=1)
+    cont_positions = (mask[index].sum(-1, keepdim=True) + torch.arange(m, device=device)[None, :])
+    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions, past_key_values=cache,
+                   use_cache=True).logits.float()
+    logprobs = F.log_softmax(logits, dim=-1)  # (rows, m, V): predictions of tokens 2..n
+    for k, (r, j) in enumerate(rows):
+        targets = batch[r].continuations[j][1:]
+        lp = logprobs[k, : len(targets)]
+        tgt = torch.tensor(targets, device=device)
+        results[r][0][j] += float(lp.gather(-1, tgt[:, None]).sum())
+        results[r][1][j] = results[r][1][j] and bool((lp.argmax(-1) == tgt).all())
+    return results
+
+
+def _score_full_sequences(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
+                          device: torch.device) -> list[tuple[list[float], list[bool]]]:
+    """One row per (question, choice) with the whole context: for peft prompt-learning models, whose virtual
+    tokens or prefixes the cached path cannot carry."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [(r, j) for r, it in enumerate(batch) for j in range(len(it.continuations))]
+    seqs = [batch[r].context + batch[r].continuations[j] for r, j in rows]
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        ids[k, : len(s)] = torch.tensor(s)
+        mask[k, : len(s)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    virtual = logits.shape[1] - t  # prompt tuning / P-tuning put virtual tokens in front
+    logprobs = F.log_softmax(logits[:, virtual:], dim=-1)
+    results = [([0.0] * len(it.continuations), [True] * len(it.continuations)) for it in batch]
+    for k, (r, j) in enumerate(rows):
+        n_ctx, cont = len(batch[r].context), batch[r].continuations[j]
+        lp = logprobs[k, n_ctx - 1: n_ctx - 1 + len(cont)]
+        tgt = torch.tensor(cont, device=lp.device)
+        results[r][0][j] = float(lp.gather(-1, tgt[:, None]).sum())
+        results[r][1][j] = bool((lp.argmax(-1) == tgt).all())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``acc`` and ``acc_norm`` with their standard errors, overall and per subject."""
+
+    def stats(recs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        n = len(recs)
+        acc = sum(r["correct"] for r in recs) / n
+        acc_norm = sum(r["correct_norm"] for r in recs) / n
+
+        def se(p: float) -> float:
+            return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+
+        return {"n": n, "acc": acc, "acc_stderr": se(acc), "acc_norm": acc_norm, "acc_norm_stderr": se(acc_norm)}
+
+    if not records:
+        return {"n": 0}
+    out = stats(records)
+    subjects: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("subject") is not None:
+            subjects.setdefault(r["subject"], []).append(r)
+    if subjects:
+        out["subjects"] = {s: stats(rs) for s, rs in sorted(subjects.items())}
+    return out

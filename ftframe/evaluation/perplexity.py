@@ -1,0 +1,121 @@
+"""Perplexity of a text with a sliding window.
+
+Each text is tokenized once, after a BOS token. Windows of up to ``max_length`` tokens advance by ``stride`` tokens;
+each window scores only the ``stride`` tokens no earlier window scored, with the rest of the window (at least one
+token) as their context. ``stride = max_length`` (the default) gives back-to-back windows (fastest, least context;
+they overlap by the one token a window's first prediction needs); smaller strides give every token more context.
+Every token after BOS is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftframe.errors import UserError
+
+__all__ = ["perplexity", "read_texts"]
+
+
+def read_texts(source: str | Path, field: str = "text") -> list[str]:
+    """Texts from a ``.txt`` file (the whole file), or JSONL / a folder of JSON files with a ``field`` per record."""
+    import json
+
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.json")) + sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt"))
+        if not files:
+            raise UserError(f"{path}: no .txt, .json or .jsonl files")
+        return [t for f in files for t in read_texts(f, field)]
+    if not path.is_file():
+        raise UserError(f"text source {path} does not exist; pass a .txt file, a JSONL file or a folder")
+    raw = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".txt":
+        return [raw]
+    records: list[Any] = []
+    if path.suffix == ".json":
+        records = [json.loads(raw)]
+    else:
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    texts = []
+    for n, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+            raise UserError(f"{path} record {n}: expected an object with a string field '{field}'")
+        texts.append(rec[field])
+    return texts
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Iterable[str],
+    max_length: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Token-level perplexity of ``texts`` (each scored on its own), with negative log-likelihood and token count.
+
+    Returns ``{"perplexity", "nll_per_token", "tokens", "bits_per_byte", "windows"}``.
+    """
+    stride = stride or max_length
+    if max_length < 2:
+        raise UserError(f"max_length must be >= 2, got {max_length}")
+    if not 0 < stride <= max_length:
+        raise UserError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+    windows: list[tuple[list[int], int]] = []  # (tokens, how many at the end are scored)
+    n_bytes = 0
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [bos, *ids]  # the first real token is predicted from BOS
+        scored_until = 1  # tokens before this position are scored already (position 0, BOS, never is)
+        step = min(stride, max_length - 1)  # a window's first token is context only
+        while scored_until < len(ids):
+            end = min(scored_until + step, len(ids))
+            start = max(0, end - max_length)
+            windows.append((ids[start:end], end - scored_until))
+            scored_until = end
+    if not windows:
+        raise UserError("perplexity: the texts are empty")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    from tqdm import tqdm
+
+    nll, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        for i in tqdm(range(0, len(windows), batch_size), desc="[ftframe] perplexity", unit="batch",
+                      disable=not progress):
+            chunk = windows[i:i + batch_size]
+            t = max(len(w) for w, _ in chunk)
+            ids = torch.full((len(chunk), t), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), t), dtype=torch.long)
+            for r, (w, _) in enumerate(chunk):
+                ids[r, : len(w)] = torch.tensor(w)
+                mask[r, : len(w)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            for r, (w, scored) in enumerate(chunk):
+                lp = F.log_softmax(logits[r, len(w) - scored - 1: len(w) - 1], dim=-1)
+                tgt = torch.tensor(w[len(w) - scored:], device=lp.device)
+                nll -= float(lp.gather(-1, tgt[:, None]).sum())
+                count += scored
+    finally:
+        model.train(was_training)
+    per_token = nll / count
+    return {"perplexity": math.exp(per_token), "nll_per_token": per_token, "tokens": count,
+            "bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "windows": len(windows),
+            "max_length": max_length, "stride": stride}

@@ -1,0 +1,85 @@
+"""``ftframe compare``: same budget per method, a table, a chart, resumable; the answer extraction behind its metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftframe.compare import compare, extract_answer
+from ftframe.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("She pays 3 * 2 = <<3*2=6>>6 dollars.\n#### 6", "6"),
+    ("#### 1,234", "1234"),
+    ("first #### 3 then #### -4.50", "-4.50"),
+    ("#### 12.0", "12"),
+    ("The answer is 7.", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.fixture
+def base_config(tiny_model, tiny_data, tmp_path) -> str:
+    path = tmp_path / "base.yaml"
+    path.write_text(f"""seed_everything: 0
+trainer:
+  accelerator: cpu
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+model:
+  class_path: ftframe.methods.LoRA
+  init_args:
+    model_name: {tiny_model}
+    lr_schedule: constant
+data:
+  class_path: ftframe.data.InstructionDataModule
+  init_args:
+    train_files: {tiny_data}
+    val_size: 8
+    batch_size: 4
+    cache_dir: {tmp_path / 'cache'}
+""")
+    return str(path)
+
+
+def test_compare_runs_each_method_with_the_same_budget(base_config, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    methods = {"base": "lora --trainer.max_steps=0", "lora": "lora --model.r=2", "ia3": "ia3"}
+    rows = compare(base_config, methods=methods, steps=2, output=str(out), metric_examples=4, max_new_tokens=4,
+                   configs_dir=str(ROOT / "configs"))
+    assert [r["method"] for r in rows] == ["base", "lora", "ia3"]
+    base, lora, ia3 = rows
+    # the untrained base has no trainable-parameter or speed figures; its loss is the same before and after
+    assert base["trainable_params"] is None and base["tokens_per_s"] is None and base["artifact_bytes"] is None
+    assert base["val_loss_before"] == base["val_loss_after"]
+    # LoRA r=2 on all 7 linear layers of 2 blocks of a hidden-64 model: 2 * (in + out) per layer
+    assert lora["trainable_params"] == 2 * 2 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))
+    for r in (lora, ia3):
+        assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["artifact_bytes"] > 0
+        assert r["val_loss_before"] == pytest.approx(base["val_loss_before"])  # same data, same base
+        assert r["val_loss_after"] != r["val_loss_before"]
+        assert 0.0 <= r["task_metric"] <= 1.0 and r["task_metric_n"] == 4
+        probe = json.loads((out / r["method"] / "probe.json").read_text())
+        assert probe["steps"] == 2 and probe["max_steps"] == 2  # the same budget
+    assert ia3["trainable_params"] < lora["trainable_params"]
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") == 4 and "| lora | 4.10k |" in table
+    assert (out / "results.png").stat().st_size > 10_000
+    # resumable: finished methods are skipped, the table is rebuilt from their results
+    capsys.readouterr()
+    again = compare(base_config, methods=methods, steps=2, output=str(out), metric_examples=4, max_new_tokens=4,
+                    configs_dir=str(ROOT / "configs"))
+    assert capsys.readouterr().out.count("results exist") == 3 and again == rows
+
+
+def test_compare_checks_every_method_before_running_any(base_config, tmp_path):
+    with pytest.raises(UserError, match=r"method 'mine': .*nope\.yaml does not exist; method YAMLs: \[.*'lora'"):
+        compare(base_config, methods={"lora": "lora", "mine": "nope"}, output=str(tmp_path / "cmp"),
+                configs_dir=str(ROOT / "configs"))
+    assert not (tmp_path / "cmp" / "lora").exists()
