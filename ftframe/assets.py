@@ -141,7 +141,7 @@ ASSETS: dict[str, Asset] = {
         ),
     ]
 }
-DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot")
+DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu")
 
 
 def is_asset(name: str) -> bool:

@@ -87,3 +87,12 @@ def test_two_step_fit_on_the_real_model(method, tmp_path):
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL
+
+
+def test_mmlu_asset_is_the_full_test_split():
+    from ftframe.evaluation import load_questions
+
+    questions = load_questions("mmlu")
+    assert len(questions) == 14042 and len({q.subject for q in questions}) == 57
+    assert all(len(q.choices) == 4 and 0 <= q.label < 4 for q in questions)
+    assert not any(q.question == "question" for q in questions)  # the file's repeated header rows are dropped

@@ -17,6 +17,7 @@ from ftframe.evaluation.multiple_choice import (
     MCQuestion,
     PromptFormat,
     load_questions,
+    sample_evenly,
     score_multiple_choice,
     summarize,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "load_questions",
     "perplexity",
     "read_texts",
+    "sample_evenly",
     "score_multiple_choice",
     "summarize",
     "summarize_generation",

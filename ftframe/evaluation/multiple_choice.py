@@ -32,6 +32,7 @@ __all__ = [
     "MCQuestion",
     "PromptFormat",
     "load_questions",
+    "sample_evenly",
     "score_multiple_choice",
     "summarize",
 ]
@@ -160,6 +161,14 @@ def load_questions(
     if not out:
         raise UserError(f"{path}: no questions" + (f" for subjects {sorted(wanted)}" if wanted else ""))
     return out
+
+
+def sample_evenly(questions: Sequence[MCQuestion], n: int) -> list[MCQuestion]:
+    """``n`` questions taken at even intervals (MMLU's file is sorted by subject: this keeps most subjects in)."""
+    if n >= len(questions):
+        return list(questions)
+    step = len(questions) / n
+    return [questions[int(i * step)] for i in range(n)]
 
 
 def _label_index(label: Any, choices: list[str]) -> int | None:

@@ -1,0 +1,61 @@
+"""The ftframe prompt formats as lm-evaluation-harness task YAMLs, to score the same prompts with both tools.
+
+``write_lm_eval_task(folder, "letter", "questions.jsonl")`` writes ``folder/ftframe_letter.yaml``; run it with
+``lm_eval --model hf --model_args pretrained=MODEL_FOLDER --include_path folder --tasks ftframe_letter``. The JSONL
+holds ``question``, ``choices``, ``label`` (an index) and ``subject`` per line, as ``ftframe evaluate`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ftframe.evaluation.multiple_choice import MCQuestion
+
+__all__ = ["LM_EVAL_TASKS", "write_lm_eval_task", "write_questions"]
+
+_COMMON = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+#: format name -> the task-specific part of the YAML (``FORMATS[name]`` renders the same text)
+LM_EVAL_TASKS = {
+    "letter": 'description: "The following are multiple choice questions (with answers) about {{subject}}.\\n\\n"\n'
+              'doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}'
+              '\\nD. {{choices[3]}}\\nAnswer:"\n'
+              'doc_to_choice: ["A", "B", "C", "D"]\n',
+    "continuation": 'doc_to_text: "Question: {{question.strip()}}\\nAnswer:"\n'
+                    "doc_to_choice: choices\n",
+}
+
+
+def write_questions(questions: Sequence[MCQuestion], path: str | Path) -> Path:
+    """Write questions as the JSONL both tools read."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as f:
+        for q in questions:
+            f.write(json.dumps({"id": q.id, "subject": q.subject, "question": q.question, "choices": list(q.choices),
+                                "label": q.label}) + "\n")
+    return path
+
+
+def write_lm_eval_task(folder: str | Path, fmt: str, data: str | Path) -> str:
+    """Write the lm-eval task YAML for ``fmt`` over the JSONL ``data`` into ``folder``; returns the task name.
+
+    The ``letter`` task assumes four choices (MMLU).
+    """
+    name = f"ftframe_{fmt}"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(f"task: {name}\n" + _COMMON.format(data=json.dumps(str(Path(data).resolve())))
+                                         + LM_EVAL_TASKS[fmt])
+    return name
