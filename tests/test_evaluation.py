@@ -215,3 +215,33 @@ def test_adapter_that_does_not_fit_the_base(tiny_model, tiny_data, tmp_path, cap
         main(["evaluate", f"--model={other}", f"--adapter={adapter}", f"--data={tiny_data}", "--task=generation"])
     err = capsys.readouterr().err
     assert f"the adapter {adapter} was trained on '{tiny_model}'; it does not fit the base '{other}'" in err
+
+
+def test_scoring_from_a_callback_uses_the_model_being_trained(tiny_model, tiny_data, tmp_path):
+    """bf16-mixed LoRA with 16-bit frozen weights: scoring mid-training needs no second model and no Trainer help."""
+    from lightning.pytorch import Callback
+
+    from ftframe.data import InstructionDataModule
+    from ftframe.methods import LoRA
+    from tests.helpers import tiny_trainer
+
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            before = sum(1 for _ in pl_module.parameters())
+            mc = score_multiple_choice(pl_module.model, pl_module.tokenizer, _questions(3), "continuation",
+                                       progress=False)
+            ppl = perplexity(pl_module.model, pl_module.tokenizer, ["one plus two is three."], progress=False)
+            assert pl_module.model.training  # mode restored
+            assert sum(1 for _ in pl_module.parameters()) == before
+            seen.append((mc.records[0]["loglikelihoods"], ppl["perplexity"]))
+
+    module = LoRA(model_name=tiny_model, r=2)
+    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
+                                 cache_dir=str(tmp_path / "c"))
+    trainer = tiny_trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[Probe()])
+    trainer.fit(module, datamodule=data)
+    assert any(p.dtype == torch.bfloat16 for p in module.model.parameters())  # frozen weights were 16-bit
+    assert len(seen) == 2 and all(math.isfinite(p) for _, p in seen)
+    assert seen[0][0] != seen[1][0]  # the second call sees the weights the step changed

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from ftframe.errors import UserError
+from ftframe.evaluation.common import scoring_mode
 
 __all__ = ["GSM8K_ANSWER", "GenRecord", "evaluate_generation", "extract_answer", "load_generation_records"]
 
@@ -82,7 +83,6 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | 
     return f"Question: {prompt}\nAnswer:"
 
 
-@torch.no_grad()
 def evaluate_generation(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -99,9 +99,6 @@ def evaluate_generation(
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat == "auto" else bool(chat)
     if use_chat and not getattr(tokenizer, "chat_template", None):
         raise UserError("chat: true, but the tokenizer has no chat template")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     from tqdm import tqdm
@@ -109,29 +106,29 @@ def evaluate_generation(
     out: list[dict[str, Any]] = []
     bar = tqdm(total=len(records), desc="[ftframe] generation", unit="prompt", disable=not progress)
     try:
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            texts = [render_prompt(tokenizer, r.prompt, use_chat, system_prompt) for r in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat).to(device)
-            generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop) or None,
-                                       tokenizer=tokenizer)
-            for r, row in zip(batch, generated[:, enc["input_ids"].shape[1]:], strict=True):
-                answer = tokenizer.decode(row, skip_special_tokens=True)
-                for s in stop:  # generation stops after a stop string; the answer ends before it
-                    answer = answer.split(s)[0]
-                gold = extract_answer(r.reference, answer_pattern)
-                if gold is None:
-                    raise UserError(f"record {r.id}: its reference has no final answer matching {answer_pattern!r}")
-                strict, flexible = extract_answer(answer, answer_pattern), extract_answer(answer, LAST_NUMBER)
-                out.append({"id": r.id, "prompt": r.prompt, "answer": answer.strip(), "gold": gold,
-                            "strict": strict, "flexible": flexible, "correct_strict": strict == gold,
-                            "correct_flexible": flexible == gold})
-            bar.update(len(batch))
+        with scoring_mode(model) as device:
+            for start in range(0, len(records), batch_size):
+                batch = records[start:start + batch_size]
+                texts = [render_prompt(tokenizer, r.prompt, use_chat, system_prompt) for r in batch]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat).to(device)
+                generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop) or None,
+                                           tokenizer=tokenizer)
+                for r, row in zip(batch, generated[:, enc["input_ids"].shape[1]:], strict=True):
+                    answer = tokenizer.decode(row, skip_special_tokens=True)
+                    for s in stop:  # generation stops after a stop string; the answer ends before it
+                        answer = answer.split(s)[0]
+                    gold = extract_answer(r.reference, answer_pattern)
+                    if gold is None:
+                        raise UserError(f"record {r.id}: its reference has no final answer matching {answer_pattern!r}")
+                    strict, flexible = extract_answer(answer, answer_pattern), extract_answer(answer, LAST_NUMBER)
+                    out.append({"id": r.id, "prompt": r.prompt, "answer": answer.strip(), "gold": gold,
+                                "strict": strict, "flexible": flexible, "correct_strict": strict == gold,
+                                "correct_flexible": flexible == gold})
+                bar.update(len(batch))
     finally:
         bar.close()
         tokenizer.padding_side = old_side
-        model.train(was_training)
     return out
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ftframe.errors import UserError
+from ftframe.evaluation.common import scoring_mode
 
 __all__ = [
     "FORMATS",
@@ -248,7 +249,6 @@ def _max_length(model: Any, tokenizer: Any) -> int:
     return value if isinstance(value, int) and value < 1_000_000 else 2048
 
 
-@torch.no_grad()
 def score_multiple_choice(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -299,24 +299,21 @@ def score_multiple_choice(
             result.truncated += 1
         items.append(item)
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), desc="[ftframe] multiple choice", unit="question", disable=not progress)
     scores: dict[int, tuple[list[float], list[bool]]] = {}
     try:
-        # longest contexts first: similar lengths share a batch (less padding), and memory problems show at once
-        order = sorted(items, key=lambda it: -len(it.context))
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            for it, (lls, greedy) in zip(batch, _score_batch(model, batch, tokenizer, device), strict=True):
-                scores[it.index] = (lls, greedy)
-            bar.update(len(batch))
+        with scoring_mode(model) as device:
+            # longest contexts first: similar lengths share a batch (less padding), and memory problems show at once
+            order = sorted(items, key=lambda it: -len(it.context))
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                for it, (lls, greedy) in zip(batch, _score_batch(model, batch, tokenizer, device), strict=True):
+                    scores[it.index] = (lls, greedy)
+                bar.update(len(batch))
     finally:
         bar.close()
-        model.train(was_training)
 
     for it in items:
         q = questions[it.index]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ftframe.errors import UserError
+from ftframe.evaluation.common import scoring_mode
 
 __all__ = ["perplexity", "read_texts"]
 
@@ -55,7 +56,6 @@ def read_texts(source: str | Path, field: str = "text") -> list[str]:
     return texts
 
 
-@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -90,14 +90,11 @@ def perplexity(
             scored_until = end
     if not windows:
         raise UserError("perplexity: the texts are empty")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     from tqdm import tqdm
 
     nll, count = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
+    with scoring_mode(model) as device:
         for i in tqdm(range(0, len(windows), batch_size), desc="[ftframe] perplexity", unit="batch",
                       disable=not progress):
             chunk = windows[i:i + batch_size]
@@ -113,8 +110,6 @@ def perplexity(
                 tgt = torch.tensor(w[len(w) - scored:], device=lp.device)
                 nll -= float(lp.gather(-1, tgt[:, None]).sum())
                 count += scored
-    finally:
-        model.train(was_training)
     per_token = nll / count
     return {"perplexity": math.exp(per_token), "nll_per_token": per_token, "tokens": count,
             "bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "windows": len(windows),
