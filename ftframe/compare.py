@@ -25,8 +25,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ftframe.errors import UserError
+from ftframe.evaluation.generation import GSM8K_ANSWER, extract_answer
 
-__all__ = ["DEFAULT_METHODS", "ComparisonProbe", "compare", "extract_answer"]
+__all__ = ["DEFAULT_METHODS", "ComparisonProbe", "compare"]
 
 #: label -> a method YAML under configs/methods (or a path) followed by extra ``ftframe fit`` arguments.
 #: ``base`` is the untrained model: LoRA with zero steps (its B factors start at zero).
@@ -49,19 +50,7 @@ DEFAULT_METHODS: dict[str, str] = {
     "bottleneck": "bottleneck",
 }
 
-GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
 RESULT_FILE = "probe.json"
-
-
-def extract_answer(text: str, pattern: str = GSM8K_ANSWER) -> str | None:
-    """The last match of ``pattern``'s first group in ``text``, normalized (no thousands commas, no trailing ``.0``)."""
-    found = re.findall(pattern, text)
-    if not found:
-        return None
-    value = found[-1].replace(",", "").strip()
-    if re.fullmatch(r"-?\d+\.0+", value):
-        value = value.split(".")[0]
-    return value
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
