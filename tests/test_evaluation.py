@@ -179,7 +179,7 @@ def test_evaluate_command_writes_reports(tiny_model, tiny_data, tmp_path, capsys
     questions.write_text("".join(json.dumps({"id": q.id, "question": q.question, "choices": list(q.choices),
                                              "label": q.label, "subject": q.subject}) + "\n" for q in _questions()))
     out = tmp_path / "mc"
-    main(["evaluate", f"--model={tiny_model}", f"--data={questions}", f"--output={out}", "--k_shot=1",
+    main(["evaluate", f"--model={tiny_model}", f"--data={questions}", f"--output={out}", "--k_shot=1", "--sample=7",
           "--batch_size=4"])
     report = json.loads((out / "results.json").read_text())
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ def evaluate(
     dtype: DTypeName = "float32",
     output: str = "runs/evaluate",
     limit: int | None = None,
+    sample: int | None = None,
     batch_size: int = 8,
     prompt_format: Literal["letter", "continuation"] = "letter",
     k_shot: int = 0,
@@ -49,6 +50,8 @@ def evaluate(
         dtype: dtype to load the model in.
         output: Folder for the reports.
         limit: Evaluate only the first this many items.
+        sample: multiple_choice: evaluate this many questions taken at even intervals through the data (MMLU's file
+            is sorted by subject, so this keeps most subjects in).
         batch_size: Items per forward pass.
         prompt_format: multiple_choice: ``letter`` (MMLU: ``A. ..`` lines, ``Answer:``, letters scored) or
             ``continuation`` (``Question: ..`` ``Answer:``, choice text scored).
@@ -83,6 +86,8 @@ def evaluate(
         if k_shot < 0:
             raise UserError(f"k_shot must be >= 0, got {k_shot}")
         items: Any = mc.load_questions(data, subjects=subjects)
+        if sample is not None:
+            items = mc.sample_evenly(items, sample)
         if limit is not None:
             items = items[:limit]
     elif task == "generation":
@@ -111,6 +116,7 @@ def evaluate(
     seconds = time.perf_counter() - started
     report = {"task": task, "data": data, "model": model, "adapter": adapter, "dtype": dtype, "seconds": seconds,
               "options": {"prompt_format": prompt_format, "k_shot": k_shot, "seed": seed, "limit": limit,
+                          "sample": sample,
                           "split": split, "max_new_tokens": max_new_tokens, "window": window, "stride": stride},
               "results": summary}
     (out / "results.json").write_text(json.dumps(report, indent=2))
