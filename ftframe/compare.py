@@ -193,6 +193,17 @@ def _fmt_int(n: float) -> str:
     return f"{int(n)}"
 
 
+def _learning_rate(config: Path) -> float | None:
+    """The method's peak learning rate, from the configuration the run saved."""
+    import yaml
+
+    if not config.is_file():
+        return None
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    value = (model.get("init_args") or {}).get("learning_rate")
+    return float(value) if value is not None else None
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "–"
@@ -206,6 +217,7 @@ def _row(label: str, rec: dict[str, Any]) -> dict[str, Any]:
     return {
         "method": label,
         "class": rec.get("method"),
+        "learning_rate": rec.get("learning_rate"),
         "trainable_params": rec.get("trainable_params") if trained else None,
         "total_params": rec.get("total_params"),
         "trainable_pct": 100 * rec["trainable_params"] / rec["total_params"]
@@ -222,7 +234,7 @@ def _row(label: str, rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]], header: str) -> str:
-    cols = ["method", "trainable params", "% of total", "artifact on disk", "peak memory", "train tok/s",
+    cols = ["method", "lr", "trainable params", "% of total", "artifact on disk", "peak memory", "train tok/s",
             "val loss before", "val loss after", "exact match", "wall"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
 
@@ -233,6 +245,7 @@ def _table(rows: list[dict[str, Any]], header: str) -> str:
         em = "–" if r["task_metric"] is None else f"{100 * r['task_metric']:.1f}% (n={r['task_metric_n']})"
         lines.append("| " + " | ".join([
             r["method"],
+            "–" if r["learning_rate"] is None or r["trainable_params"] is None else f"{r['learning_rate']:g}",
             "–" if r["trainable_params"] is None else _fmt_int(r["trainable_params"]),
             f(r["trainable_pct"], ".3f"),
             _fmt_bytes(r["artifact_bytes"]),
@@ -367,6 +380,7 @@ def compare(
             rec["command"] = shlex.join(["ftframe", *argv[3:]])
             result.write_text(json.dumps(rec, indent=2))
         rec = json.loads(result.read_text())
+        rec.setdefault("learning_rate", _learning_rate(run_dir / "config.yaml"))
         rows.append(_row(label, rec))
         header = (f"{len(rows)} methods, {steps} steps each, config {' + '.join(configs)}; "
                   f"exact match on {metric_examples} held-out prompts")

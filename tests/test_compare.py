@@ -70,7 +70,7 @@ def test_compare_runs_each_method_with_the_same_budget(base_config, tmp_path, ca
         assert probe["steps"] == 2 and probe["max_steps"] == 2  # the same budget
     assert ia3["trainable_params"] < lora["trainable_params"]
     table = (out / "results.md").read_text()
-    assert table.count("\n| ") == 4 and "| lora | 4.10k |" in table
+    assert table.count("\n| ") == 4 and "| lora | 0.0002 | 4.10k |" in table
     assert (out / "results.png").stat().st_size > 10_000
     # resumable: finished methods are skipped, the table is rebuilt from their results
     capsys.readouterr()
