@@ -11,3 +11,11 @@ def tiny_trainer(tmp_path, **kwargs) -> Trainer:
                     num_sanity_val_steps=0, limit_val_batches=0)
     defaults.update(kwargs)
     return Trainer(**defaults)
+
+
+def tiny_fit_args(model: str, data: str, tmp_path, adapter, *extra: str, steps: int = 2) -> list[str]:
+    """``ftframe fit`` arguments for a short CPU run of the default method on the tiny model, writing ``adapter``."""
+    return ["fit", f"--model.model_name={model}", f"--data.train_files={data}", f"--data.cache_dir={tmp_path / 'c'}",
+            "--data.val_size=8", f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+            f"--adapter.dirpath={adapter}", *extra]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ftframe.cli import FTFrameCLI, main
+from tests.helpers import tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -113,10 +114,7 @@ def test_qlora_without_bitsandbytes(tiny_model, monkeypatch):
 
 def test_generate_with_saved_adapter(tiny_model, tiny_data, tmp_path, capsys):
     out = tmp_path / "adapter"
-    main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}",
-          f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.max_steps=2",
-          "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={out}"])
+    main(tiny_fit_args(tiny_model, tiny_data, tmp_path, out))
     capsys.readouterr()
     main(["generate", f"--adapter={out}", "--prompt=What is one plus two?", "--max_new_tokens=5"])
     printed = capsys.readouterr().out
@@ -167,10 +165,7 @@ def test_validate_exports_the_adapter_of_a_checkpoint_on_demand(tiny_model, tiny
 
 def test_validate_before_fit_with_validation_inside_fit(tiny_model, tiny_data, tmp_path, capsys):
     # the metric state made under trainer.validate's inference mode must not break the sanity check / in-fit validation
-    main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}",
-          f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.max_steps=2",
-          "--trainer.num_sanity_val_steps=1", "--trainer.val_check_interval=1", "--validate_before_fit=true",
-          "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={tmp_path / 'out'}"])
+    main(tiny_fit_args(tiny_model, tiny_data, tmp_path, tmp_path / "out", "--trainer.num_sanity_val_steps=1",
+                       "--trainer.val_check_interval=1", "--validate_before_fit=true"))
     printed = capsys.readouterr().out
     assert re.search(r"val/loss: before \d+\.\d+ -> after \d+\.\d+", printed), printed

@@ -203,12 +203,10 @@ def test_evaluate_command_writes_reports(tiny_model, tiny_data, tmp_path, capsys
 
 def test_adapter_that_does_not_fit_the_base(tiny_model, tiny_data, tmp_path, capsys):
     from tests.conftest import build_tiny_model
+    from tests.helpers import tiny_fit_args
 
     adapter = tmp_path / "adapter"
-    main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}",
-          f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.max_steps=1",
-          "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={adapter}"])
+    main(tiny_fit_args(tiny_model, tiny_data, tmp_path, adapter, steps=1))
     other = build_tiny_model(tmp_path / "other", hidden_size=32)
     capsys.readouterr()
     with pytest.raises(SystemExit):
