@@ -5,7 +5,7 @@ zero shots, on the same model in float32, with the same batch size. Model loadin
 gets a ready ``HFLM`` and ftframe a loaded model. The runs alternate (reversed in odd rounds); each figure is the
 median over rounds, and the ratio is questions/s of ftframe over lm-eval. The predictions are compared too.
 
-    python benchmarks/eval_throughput.py --questions 300 --rounds 2
+    python benchmarks/eval_throughput.py --questions 200 --rounds 2 [--format continuation]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "eval_throughput_cpu"))
+    parser.add_argument("--output", default=None,
+                        help="path stem for .json/.txt (default benchmarks/results/eval_throughput_FORMAT_cpu)")
     args = parser.parse_args()
 
     import lm_eval
@@ -103,7 +104,7 @@ def main() -> None:
               f"same predicted choice on {agree}/{len(questions)} questions"]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.output)
+    out = Path(args.output or ROOT / "benchmarks" / "results" / f"eval_throughput_{args.format}_cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".txt").write_text(text + "\n")

@@ -336,6 +336,17 @@ def _argmax(values: Sequence[float]) -> int:
     return best
 
 
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    import inspect
+
+    from ftframe.models import transformers_model
+
+    try:
+        return argument in inspect.signature(transformers_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _uses_prompt_learning(model: torch.nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(config is not None and getattr(config, "is_prompt_learning", False))
@@ -355,7 +366,9 @@ def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
         mask[r, t - len(it.context):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # only the last position's logits are needed: skip the output layer (and a (B, T, vocab) tensor) elsewhere
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): every choice's first token
     results: list[tuple[list[float], list[bool]]] = []
     for r, it in enumerate(batch):
