@@ -1,5 +1,6 @@
 """ftframe's Lightning callbacks (installed as ``ftframe.callbacks``; import them from there)."""
 
+from ftframe.callbacks.adapter_checkpoint import AdapterCheckpoint
 from ftframe.callbacks.adapter_export import AdapterExport
 
-__all__ = ["AdapterExport"]
+__all__ = ["AdapterCheckpoint", "AdapterExport"]

@@ -8,14 +8,13 @@ into place, so a crash never leaves a half-written adapter.
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+
+from ftframe.artifacts import replace_dir, write_trained
 
 __all__ = ["AdapterExport"]
 
@@ -59,32 +58,9 @@ class AdapterExport(Callback):
         if trainer.is_global_zero:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            pl_module.save_trained(tmp)  # type: ignore[operator]
-            tokenizer = getattr(pl_module, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
-            if config.is_file():
-                shutil.copy(config, tmp / "config.yaml")
-            (tmp / "ftframe.json").write_text(json.dumps(self._metadata(trainer, pl_module), indent=2))
-            old = out.with_name(out.name + ".old")
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            write_trained(trainer, pl_module, tmp)
+            replace_dir(tmp, out)
             rank_zero_info(f"[ftframe] adapter written to {out}")
         trainer.strategy.barrier("ftframe_adapter_export")
         self.last_path = out
         return out
-
-    @staticmethod
-    def _metadata(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        cls = type(pl_module)
-        return {
-            "method": f"{cls.__module__}.{cls.__qualname__}",
-            "model_name": getattr(pl_module, "model_name", None),
-            "global_step": trainer.global_step,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -23,7 +24,8 @@ from lightning.pytorch.cli import LightningCLI
 
 import ftframe.data
 import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
-from ftframe.callbacks import AdapterExport
+from ftframe.callbacks import AdapterCheckpoint, AdapterExport
+from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 
@@ -62,7 +64,40 @@ class FTFrameCLI(LightningCLI):
         parser.add_argument("--validate_before_fit", type=bool, default=False,
                             help="fit only: run validation before training and print the loss before/after")
 
+    def _resolve_ckpt_path(self) -> None:
+        """Let ``--ckpt_path`` name a checkpoint folder, its ``last`` link, the checkpoints folder or ``last``."""
+        kwargs = self.config_init[self.subcommand]
+        path = kwargs.get("ckpt_path")
+        if not path:
+            return
+        if path == "last":
+            folders = [cb.dirpath or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints"
+                       for cb in self.trainer.callbacks if isinstance(cb, AdapterCheckpoint)]
+            found = [f / LAST_LINK for f in folders if (f / LAST_LINK / RESUME_FILE).is_file()]
+            if not found:
+                if folders:
+                    raise UserError(f"--ckpt_path last: no checkpoint in {[str(f) for f in folders]} yet; pass a "
+                                    "checkpoint folder, or leave --ckpt_path out to start from scratch")
+                return  # Lightning's own ModelCheckpoint handles "last"
+            path = str(found[0])
+        elif path == "best" or str(path).startswith(("http://", "https://")):
+            return
+        elif not Path(path).exists():
+            raise UserError(f"--ckpt_path {path} does not exist. Checkpoints are folders like "
+                            "<log_dir>/checkpoints/step=000020 (or the link <log_dir>/checkpoints/last)")
+        kwargs["ckpt_path"] = resolve_resume_path(path)
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path()
+
     def before_fit(self) -> None:
+        self._resolve_ckpt_path()
         self._val_before = None
         if self.config[self.subcommand].get("validate_before_fit"):
             self._val_before = self._validate("before training")

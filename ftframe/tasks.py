@@ -144,9 +144,16 @@ def _decoder_and_head(model: torch.nn.Module,
     if verdict is None:
         n = min(8, inputs["input_ids"].shape[1])
         probe = {k: v[:1, :n] for k, v in inputs.items()}
-        with torch.no_grad():
-            whole = model(**probe, use_cache=False).logits.float()
-            split = head(decoder(**probe, use_cache=False).last_hidden_state).float()
+        # eval mode (dropout would make the two passes differ) and a forked RNG (the check must not shift the random
+        # stream, or a resumed run -- which checks at its first step -- would draw other dropout masks)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                whole = model(**probe, use_cache=False).logits.float()
+                split = head(decoder(**probe, use_cache=False).last_hidden_state).float()
+        finally:
+            model.train(was_training)
         ok = whole.shape == split.shape and torch.allclose(whole, split, rtol=1e-3, atol=1e-3)
         model._ftframe_split_ok = bool(ok)
         if not ok:

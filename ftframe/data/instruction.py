@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import statistics
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -172,8 +173,11 @@ class InstructionDataModule(LightningDataModule):
         if self._resume is not None:
             self._sampler.resume_from(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = None
+        # a generator of its own: creating the iterator then draws nothing from the global RNG, so dropout noise does
+        # not depend on where an epoch boundary or a resume falls
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=self._sampler,
-                          collate_fn=self._collator(), num_workers=self.num_workers)
+                          collate_fn=self._collator(), num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_dataset is not None, "setup() has not run"
@@ -200,6 +204,8 @@ class InstructionDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("batches"):
             self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+            # Lightning cannot see that this module restores the position itself and would warn that it does not
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
 
     # ------------------------------------------------------------------ internals
     def _groups(self) -> dict[str, list[str]]:

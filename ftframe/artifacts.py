@@ -1,0 +1,74 @@
+"""The folder a trained adapter is written to, shared by the export and checkpoint callbacks.
+
+A trained folder holds what :meth:`FineTuneModule.save_trained` writes (``adapter_config.json`` +
+``adapter_model.safetensors`` for peft methods, a whole model folder for full fine-tuning), the tokenizer, the run's
+resolved ``config.yaml`` (as LightningCLI saved it) and ``ftframe.json``: method, base model, step, metrics and the
+method's hyperparameters. Folders are written under a temporary name and renamed into place, so a crash leaves either
+the previous folder or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+
+__all__ = ["METADATA_FILE", "metadata", "replace_dir", "write_trained"]
+
+METADATA_FILE = "ftframe.json"
+
+
+def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict[str, Any]:
+    """What produced a trained folder: method class, base model, loop position, last metrics, hyperparameters."""
+    cls = type(pl_module)
+    hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {})).items() if _jsonable(v)}
+    return {
+        "method": f"{cls.__module__}.{cls.__qualname__}",
+        "model_name": getattr(pl_module, "model_name", None),
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        "hparams": hparams,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def write_trained(trainer: Trainer, pl_module: LightningModule, folder: Path, **extra: Any) -> None:
+    """Write the trained weights, tokenizer, run config and ``ftframe.json`` into ``folder`` (call on rank 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pl_module.save_trained(folder)  # type: ignore[operator]
+    tokenizer = getattr(pl_module, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+    if config.is_file():
+        shutil.copy(config, folder / "config.yaml")
+    (folder / METADATA_FILE).write_text(json.dumps(metadata(trainer, pl_module, **extra), indent=2))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst``.
+
+    The rename is atomic; when ``dst`` exists it is first renamed aside (``<dst>.old``), so at every instant either the
+    old or the new folder is complete under one of the two names.
+    """
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
