@@ -2,5 +2,6 @@
 
 from ftframe.callbacks.adapter_checkpoint import AdapterCheckpoint
 from ftframe.callbacks.adapter_export import AdapterExport
+from ftframe.callbacks.forgetting import ForgettingMonitor
 
-__all__ = ["AdapterCheckpoint", "AdapterExport"]
+__all__ = ["AdapterCheckpoint", "AdapterExport", "ForgettingMonitor"]

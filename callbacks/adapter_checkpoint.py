@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import replace_dir, write_trained
+from ftframe.artifacts import log_dir, replace_dir, write_trained
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -118,7 +118,7 @@ class AdapterCheckpoint(Checkpoint):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
-            self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+            self.dirpath = log_dir(trainer) / "checkpoints"
         if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():
             for leftover in self.dirpath.glob(".tmp-*"):
                 rank_zero_warn(f"[ftframe] removing {leftover}: an incomplete checkpoint from a run that stopped while "
@@ -197,13 +197,14 @@ class AdapterCheckpoint(Checkpoint):
             self._prune(trainer)
             return final
         tmp = self._dir() / f".tmp-{name}"
+        run_dir = log_dir(trainer)  # collective under DDP: every rank, before the rank-0 block
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("ftframe_checkpoint_mkdir")
         trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)  # collective: the strategy gathers what it shards; rank 0 writes
         if trainer.is_global_zero:
-            write_trained(trainer, pl_module, tmp, resume=RESUME_FILE, monitor=self.monitor, score=score)
+            write_trained(trainer, pl_module, tmp, run_dir, resume=RESUME_FILE, monitor=self.monitor, score=score)
             replace_dir(tmp, final)
             _point_link(self._dir() / LAST_LINK, name)
         self.saved[name] = score

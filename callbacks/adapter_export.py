@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ftframe.artifacts import replace_dir, write_trained
+from ftframe.artifacts import log_dir, replace_dir, write_trained
 
 __all__ = ["AdapterExport"]
 
@@ -50,15 +50,16 @@ class AdapterExport(Callback):
             self.export(trainer, pl_module)
 
     def resolve_dir(self, trainer: Trainer) -> Path:
-        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
+        return Path(self.dirpath) if self.dirpath else log_dir(trainer) / "adapter"
 
     def export(self, trainer: Trainer, pl_module: LightningModule, dirpath: str | Path | None = None) -> Path:
         """Write the folder now (rank 0 writes; all ranks return the path)."""
         out = Path(dirpath) if dirpath else self.resolve_dir(trainer)
+        run_dir = log_dir(trainer)  # collective under DDP: every rank, before the rank-0 block
         if trainer.is_global_zero:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            write_trained(trainer, pl_module, tmp)
+            write_trained(trainer, pl_module, tmp, run_dir)
             replace_dir(tmp, out)
             rank_zero_info(f"[ftframe] adapter written to {out}")
         trainer.strategy.barrier("ftframe_adapter_export")

@@ -18,7 +18,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["METADATA_FILE", "metadata", "replace_dir", "write_trained"]
+__all__ = ["METADATA_FILE", "log_dir", "metadata", "replace_dir", "write_trained"]
 
 METADATA_FILE = "ftframe.json"
 
@@ -39,14 +39,22 @@ def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict
     }
 
 
-def write_trained(trainer: Trainer, pl_module: LightningModule, folder: Path, **extra: Any) -> None:
-    """Write the trained weights, tokenizer, run config and ``ftframe.json`` into ``folder`` (call on rank 0)."""
+def log_dir(trainer: Trainer) -> Path:
+    """The run's log folder. Collective under DDP (``trainer.log_dir`` broadcasts): call it on every rank."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def write_trained(trainer: Trainer, pl_module: LightningModule, folder: Path, run_dir: Path, **extra: Any) -> None:
+    """Write the trained weights, tokenizer, run config and ``ftframe.json`` into ``folder``.
+
+    Call on rank 0 only, with ``run_dir`` = :func:`log_dir` computed on every rank beforehand.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     pl_module.save_trained(folder)  # type: ignore[operator]
     tokenizer = getattr(pl_module, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+    config = run_dir / "config.yaml"
     if config.is_file():
         shutil.copy(config, folder / "config.yaml")
     (folder / METADATA_FILE).write_text(json.dumps(metadata(trainer, pl_module, **extra), indent=2))

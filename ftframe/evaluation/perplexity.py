@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ftframe.errors import UserError
 from ftframe.evaluation.common import scoring_mode
 
-__all__ = ["perplexity", "read_texts"]
+__all__ = ["pad_windows", "perplexity", "read_texts", "text_windows"]
 
 
 def read_texts(source: str | Path, field: str = "text") -> list[str]:
@@ -69,27 +69,8 @@ def perplexity(
 
     Returns ``{"perplexity", "nll_per_token", "tokens", "bits_per_byte", "windows"}``.
     """
+    windows, n_bytes = text_windows(tokenizer, texts, max_length, stride)
     stride = stride or max_length
-    if max_length < 2:
-        raise UserError(f"max_length must be >= 2, got {max_length}")
-    if not 0 < stride <= max_length:
-        raise UserError(f"stride must be in 1..max_length ({max_length}), got {stride}")
-    windows: list[tuple[list[int], int]] = []  # (tokens, how many at the end are scored)
-    n_bytes = 0
-    for text in texts:
-        n_bytes += len(text.encode("utf-8"))
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [bos, *ids]  # the first real token is predicted from BOS
-        scored_until = 1  # tokens before this position are scored already (position 0, BOS, never is)
-        step = min(stride, max_length - 1)  # a window's first token is context only
-        while scored_until < len(ids):
-            end = min(scored_until + step, len(ids))
-            start = max(0, end - max_length)
-            windows.append((ids[start:end], end - scored_until))
-            scored_until = end
-    if not windows:
-        raise UserError("perplexity: the texts are empty")
     from tqdm import tqdm
 
     nll, count = 0.0, 0
@@ -98,12 +79,7 @@ def perplexity(
         for i in tqdm(range(0, len(windows), batch_size), desc="[ftframe] perplexity", unit="batch",
                       disable=not progress):
             chunk = windows[i:i + batch_size]
-            t = max(len(w) for w, _ in chunk)
-            ids = torch.full((len(chunk), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), t), dtype=torch.long)
-            for r, (w, _) in enumerate(chunk):
-                ids[r, : len(w)] = torch.tensor(w)
-                mask[r, : len(w)] = 1
+            ids, mask = pad_windows(chunk, pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             for r, (w, scored) in enumerate(chunk):
                 lp = F.log_softmax(logits[r, len(w) - scored - 1: len(w) - 1], dim=-1)
@@ -114,3 +90,40 @@ def perplexity(
     return {"perplexity": math.exp(per_token), "nll_per_token": per_token, "tokens": count,
             "bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "windows": len(windows),
             "max_length": max_length, "stride": stride}
+
+
+def text_windows(tokenizer: Any, texts: Iterable[str], max_length: int,
+                 stride: int | None = None) -> tuple[list[tuple[list[int], int]], int]:
+    """Split tokenized ``texts`` into scoring windows: ``([(token ids, how many at the end are scored)], n_bytes)``."""
+    stride = stride or max_length
+    if max_length < 2:
+        raise UserError(f"max_length must be >= 2, got {max_length}")
+    if not 0 < stride <= max_length:
+        raise UserError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+    windows: list[tuple[list[int], int]] = []
+    n_bytes = 0
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        ids = [bos, *tokenizer.encode(text, add_special_tokens=False)]  # the first real token is predicted from BOS
+        scored_until = 1  # tokens before this position are scored already (position 0, BOS, never is)
+        step = min(stride, max_length - 1)  # a window's first token is context only
+        while scored_until < len(ids):
+            end = min(scored_until + step, len(ids))
+            start = max(0, end - max_length)
+            windows.append((ids[start:end], end - scored_until))
+            scored_until = end
+    if not windows:
+        raise UserError("perplexity: the texts are empty")
+    return windows, n_bytes
+
+
+def pad_windows(windows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` of shape (len(windows), longest window)."""
+    t = max(len(w) for w, _ in windows)
+    ids = torch.full((len(windows), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(windows), t), dtype=torch.long)
+    for r, (w, _) in enumerate(windows):
+        ids[r, : len(w)] = torch.tensor(w)
+        mask[r, : len(w)] = 1
+    return ids, mask

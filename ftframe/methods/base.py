@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, final
 
@@ -43,6 +43,8 @@ class FineTuneModule(LightningModule):
     * :meth:`check_base` -- refuse an unsuitable base model from its config, before its weights load.
     * :meth:`save_trained` -- change what is written as the trained artifact (default: the peft adapter folder,
       or the whole model when no peft config is used).
+    * :meth:`disable_adapters` -- a switch back to the untuned base without a second copy (the forgetting monitor's
+      KL reference); default: peft's ``disable_adapter()``.
 
     Trainable parameters are whatever has ``requires_grad`` after :meth:`adapt`; checkpoints hold only those (plus
     optimizer and loop state), never the frozen base.
@@ -163,6 +165,17 @@ class FineTuneModule(LightningModule):
         """Write what training produced: a ``peft`` adapter folder, or the whole model if no peft config is used."""
         assert self.model is not None, "configure_model() has not run"
         self._save(self.model, str(directory))
+
+    def disable_adapters(self) -> AbstractContextManager[Any] | None:
+        """A context in which :attr:`model` computes the untuned base model's outputs, with no second copy in memory.
+
+        Return ``None`` when the method has no such switch (full fine-tuning trains the base itself; PiSSA-style
+        initializations change the base weights): the forgetting monitor then compares against a snapshot of the
+        initial trainable weights instead. Default: peft's ``disable_adapter()`` on a peft model.
+        """
+        from peft import PeftModel
+
+        return self.model.disable_adapter() if isinstance(self.model, PeftModel) else None
 
     def _save(self, model: torch.nn.Module, directory: str, **kwargs: Any) -> None:
         """``model.save_pretrained`` in safetensors, with the hub switched off when the base is local."""

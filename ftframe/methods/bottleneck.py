@@ -10,6 +10,8 @@ the worked example of ``docs/extending/new_method.md``. The artifact is ``bottle
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,11 @@ class Bottleneck(torch.nn.Module):
         torch.nn.init.zeros_(self.up.weight)
         torch.nn.init.zeros_(self.up.bias)
 
+        self.enabled = True
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return h
         return h + self.up(self.dropout(self.act(self.down(h))))
 
 
@@ -116,6 +122,18 @@ class BottleneckAdapters(FineTuneModule):
         model.requires_grad_(False)
         add_bottleneck_adapters(model, self.size, self.after, self.adapter_dropout)
         return model
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        assert self.model is not None, "configure_model() has not run"
+        adapters = [m for m in self.model.modules() if isinstance(m, Bottleneck)]
+        for m in adapters:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in adapters:
+                m.enabled = True
 
     def save_trained(self, directory: str | Path) -> None:
         assert self.model is not None, "configure_model() has not run"

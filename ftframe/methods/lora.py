@@ -102,6 +102,10 @@ class LoRA(FineTuneModule):
             config.init_lora_weights = self.lora["init"]
         return model
 
+    def disable_adapters(self) -> Any:
+        # PiSSA / OLoRA move part of each weight into the factors: without the adapter the base is not the original
+        return super().disable_adapters() if self.lora["init"] == "default" else None
+
     def save_trained(self, directory: Any) -> None:
         if self._initial_adapter is None:
             return super().save_trained(directory)

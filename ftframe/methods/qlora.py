@@ -101,6 +101,10 @@ class QLoRA(FineTuneModule):
             rank_zero_info(f"[ftframe] LoftQ: initialized {n} LoRA pairs from the 4-bit quantization error")
         return model
 
+    def disable_adapters(self) -> Any:
+        # LoftQ factors correct the 4-bit base's error: the model at step 0 is base + factors, not the bare 4-bit base
+        return super().disable_adapters() if self.init == "default" else None
+
     def save_trained(self, directory: Any) -> None:
         super().save_trained(directory)
         if self.init == "loftq":
