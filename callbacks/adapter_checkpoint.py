@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import log_dir, replace_dir, write_trained
+from ftframe.artifacts import METADATA_FILE, log_dir, metadata, replace_dir, write_trained
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -93,6 +93,7 @@ class AdapterCheckpoint(Checkpoint):
         self.saved: dict[str, float | None] = {}
         self.last_name: str | None = None
         self._rng_to_restore: list[dict[str, Any]] | None = None
+        self._before_validation: str | None = None  # the step folder written just before a validation may run
 
     # ------------------------------------------------------------------ Lightning-compatible attributes
     @property
@@ -134,14 +135,20 @@ class AdapterCheckpoint(Checkpoint):
             trainer.should_stop or (trainer.max_steps > 0 and step >= trainer.max_steps))
         if (due or final) and self._may_save(trainer):
             self.save(trainer, pl_module, ranked=False)
+            self._before_validation = self.last_name
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit" or not self._may_save(trainer):
             return
+        # A validation right after a step checkpoint: write that step again, now with the validation's results and
+        # callback states (e.g. the forgetting measurement) in it. Resuming from the first version would skip this
+        # validation -- Lightning does not repeat a validation after a checkpoint of the batch before it.
+        refresh = self._before_validation == f"step={trainer.global_step:06d}"
+        self._before_validation = None
         if self.monitor is not None:
-            self.save(trainer, pl_module, ranked=True)
-        elif self.save_on_train_end and trainer.should_stop and trainer.global_step > 0:  # e.g. early stopping
-            self.save(trainer, pl_module, ranked=False)
+            self.save(trainer, pl_module, ranked=True, refresh=refresh)
+        elif refresh or (self.save_on_train_end and trainer.should_stop and trainer.global_step > 0):
+            self.save(trainer, pl_module, ranked=False, refresh=refresh)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # fallback for ends the hooks above cannot see coming (e.g. max_epochs or max_time)
@@ -183,19 +190,30 @@ class AdapterCheckpoint(Checkpoint):
         self.last_name = state_dict.get("last_name")
 
     # ------------------------------------------------------------------ saving
-    def save(self, trainer: Trainer, pl_module: LightningModule, ranked: bool) -> Path:
-        """Write the checkpoint of the current step (collective: every rank calls it; rank 0 writes)."""
+    def save(self, trainer: Trainer, pl_module: LightningModule, ranked: bool, refresh: bool = False) -> Path:
+        """Write the checkpoint of the current step (collective: every rank calls it; rank 0 writes).
+
+        A step already on disk is written again only with ``refresh``; otherwise only its score is recorded.
+        """
         name = f"step={trainer.global_step:06d}"
         final = self._dir() / name
         score = self._score(trainer) if ranked else None
         if ranked and score is None:
             rank_zero_warn(f"[ftframe] AdapterCheckpoint: monitor {self.monitor!r} was not logged; logged metrics: "
                            f"{sorted(trainer.callback_metrics)}. Saving without a score.")
-        if name == self.last_name and final.is_dir():  # this step is on disk already (e.g. step count + validation)
+        if not refresh and name == self.last_name and final.is_dir():  # e.g. a step count and a validation
             if score is not None:
                 self.saved[name] = score
+                if trainer.is_global_zero:  # the folder was written before validation: record the score and metrics
+                    meta_path = final / METADATA_FILE
+                    meta = json.loads(meta_path.read_text())
+                    meta.update(score=score, monitor=self.monitor, metrics=metadata(trainer, pl_module)["metrics"])
+                    meta_path.with_name(METADATA_FILE + ".tmp").write_text(json.dumps(meta, indent=2))
+                    os.replace(meta_path.with_name(METADATA_FILE + ".tmp"), meta_path)
             self._prune(trainer)
             return final
+        self.saved[name] = score  # before writing: the state saved inside the checkpoint lists the checkpoint itself
+        self.last_name = name
         tmp = self._dir() / f".tmp-{name}"
         run_dir = log_dir(trainer)  # collective under DDP: every rank, before the rank-0 block
         if trainer.is_global_zero:
@@ -207,8 +225,6 @@ class AdapterCheckpoint(Checkpoint):
             write_trained(trainer, pl_module, tmp, run_dir, resume=RESUME_FILE, monitor=self.monitor, score=score)
             replace_dir(tmp, final)
             _point_link(self._dir() / LAST_LINK, name)
-        self.saved[name] = score
-        self.last_name = name
         self._prune(trainer)
         trainer.strategy.barrier("ftframe_checkpoint_saved")
         rank_zero_info(f"[ftframe] checkpoint {final}" + (f" ({self.monitor}={score:.4f})" if score is not None else ""))
@@ -297,8 +313,3 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def read_metadata(folder: str | Path) -> dict[str, Any]:
-    """``ftframe.json`` of a checkpoint or exported folder."""
-    return json.loads((Path(folder) / "ftframe.json").read_text())

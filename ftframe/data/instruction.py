@@ -173,16 +173,13 @@ class InstructionDataModule(LightningDataModule):
         if self._resume is not None:
             self._sampler.resume_from(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             self._resume = None
-        # a generator of its own: creating the iterator then draws nothing from the global RNG, so dropout noise does
-        # not depend on where an epoch boundary or a resume falls
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=self._sampler,
-                          collate_fn=self._collator(), num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+                          collate_fn=self._collator(), num_workers=self.num_workers, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_dataset is not None, "setup() has not run"
         return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self._collator(), num_workers=self.num_workers)
+                          collate_fn=self._collator(), num_workers=self.num_workers, generator=self._generator())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -191,7 +188,8 @@ class InstructionDataModule(LightningDataModule):
         """The validation examples as prompts (cut before the response) for generation."""
         assert self.val_dataset is not None, "setup() has not run"
         return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=PromptCollator(self._get_tokenizer().pad_token_id), num_workers=self.num_workers)
+                          collate_fn=PromptCollator(self._get_tokenizer().pad_token_id), num_workers=self.num_workers,
+                          generator=self._generator())
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the current epoch, so a resumed run continues with the next unseen batch."""
@@ -208,6 +206,11 @@ class InstructionDataModule(LightningDataModule):
             warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
 
     # ------------------------------------------------------------------ internals
+    def _generator(self) -> torch.Generator:
+        """A generator of the loader's own: creating an iterator then draws nothing from the global RNG, so dropout
+        noise does not depend on where validation, an epoch boundary or a resume falls (exact resume needs this)."""
+        return torch.Generator().manual_seed(self.seed)
+
     def _groups(self) -> dict[str, list[str]]:
         return {"train": self.train_files, **({"val": self.val_files} if self.val_files else {})}
 
