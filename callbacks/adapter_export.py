@@ -31,7 +31,7 @@ class AdapterExport(Callback):
     Example:
         ``ftframe fit --config configs/quickstart.yaml --adapter.dirpath out/gsm8k-lora``
 
-        ``ftframe validate --config runs/quickstart/config.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+        ``ftframe validate --config runs/quickstart/config.yaml --ckpt_path runs/quickstart/checkpoints/last
         --adapter.save_on_validate true --adapter.dirpath out/step-60``
     """
 
