@@ -257,6 +257,9 @@ class ForgettingMonitor(Callback):
         tokenizer = pl_module.tokenizer
         rank, world = trainer.global_rank, trainer.world_size
         start = time.perf_counter()
+        rank_zero_info(f"[ftframe] forgetting ({when}): scoring {len(self._windows)} reference windows"
+                       + (" twice (tuned and base)" if self._kl_mode != "off" else "")
+                       + f" and {len(self._questions)} probe questions")
         out: dict[str, float] = {}
         device = next(model.parameters()).device
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # nll, tokens, kl, correct, questions

@@ -160,6 +160,17 @@ def test_best_tradeoff_checkpoint_is_within_budget(knowing_model, tiny_data, cac
     assert free.best()["tradeoff"] <= best["tradeoff"]
 
 
+def test_measuring_does_not_change_training(knowing_model, tiny_data, cache_dir, tmp_path, reference_and_probe):
+    weights = []
+    for name, callbacks in (("plain", []), ("monitored", [_monitor(reference_and_probe)])):
+        seed_everything(6)
+        module = LoRA(model_name=knowing_model, r=4, dropout=0.1, learning_rate=3e-3)
+        _fit(module, tiny_data, cache_dir, tmp_path / name, callbacks, max_steps=9)
+        weights.append(module.trainable_state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # no RNG draws, no mode left changed
+
+
 def test_forgetting_options_are_checked(reference_and_probe):
     with pytest.raises(UserError, match="window_tokens must be >= 2"):
         ForgettingMonitor(window_tokens=1)
@@ -235,6 +246,25 @@ def test_ckpt_path_accepts_folders_and_explains_export_folders(tmp_path):
     (export / "ftframe.json").write_text("{}")
     with pytest.raises(UserError, match="without training state"):
         resolve_resume_path(export)
+
+
+def test_cli_resumes_from_ckpt_path_last(tiny_model, tiny_data, tmp_path, caplog):
+    from ftframe.cli import main
+
+    args = ["fit", f"--model.model_name={tiny_model}", "--model.r=4", f"--data.train_files={tiny_data}",
+            f"--data.cache_dir={tmp_path / 'c'}", "--data.val_size=8", "--trainer.accelerator=cpu",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+            f"--adapter.dirpath={tmp_path / 'adapter'}", "--trainer.callbacks+=ftframe.callbacks.AdapterCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=2"]
+    with pytest.raises(SystemExit) as exit_info:  # nothing saved yet: a clear error, not a silent fresh start
+        main([*args, "--trainer.max_steps=4", "--ckpt_path=last"])
+    assert exit_info.value.code == 2
+    main([*args, "--trainer.max_steps=4"])
+    assert (tmp_path / "checkpoints" / "last").resolve().name == "step=000004"
+    main([*args, "--trainer.max_steps=6", "--ckpt_path=last"])
+    assert "Restored all states from the checkpoint" in caplog.text
+    assert (tmp_path / "checkpoints" / "last").resolve().name == "step=000006"
+    assert json.loads((tmp_path / "adapter" / "ftframe.json").read_text())["global_step"] == 6
 
 
 def test_checkpoint_options_are_checked():
