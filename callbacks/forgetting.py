@@ -427,7 +427,7 @@ def plot_forgetting(history: list[dict[str, Any]], path: Path, task_metric: str 
         twin = ax.twinx()
         twin.plot(*zip(*task, strict=True), marker="s", color="tab:blue", label=task_metric)
         twin.set_ylabel(task_metric, color="tab:blue")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)
     ax.set_title("forgetting over training")
     both = [r for r in history if "task" in r and "ppl_increase" in r]
     if both:
