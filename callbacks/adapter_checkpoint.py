@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import METADATA_FILE, log_dir, metadata, replace_dir, write_trained
+from ftframe.artifacts import METADATA_FILE, log_dir, metadata, refuse_sharded, replace_dir, write_trained
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -118,6 +118,7 @@ class AdapterCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded(trainer, "AdapterCheckpoint")
         if self.dirpath is None:
             self.dirpath = log_dir(trainer) / "checkpoints"
         if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ftframe.artifacts import log_dir, replace_dir, write_trained
+from ftframe.artifacts import log_dir, refuse_sharded, replace_dir, write_trained
 
 __all__ = ["AdapterExport"]
 
@@ -40,6 +40,10 @@ class AdapterExport(Callback):
         self.save_on_fit_end = save_on_fit_end
         self.save_on_validate = save_on_validate
         self.last_path: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if (stage == "fit" and self.save_on_fit_end) or (stage == "validate" and self.save_on_validate):
+            refuse_sharded(trainer, "AdapterExport (turn it off with --adapter.save_on_fit_end false)")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_fit_end:

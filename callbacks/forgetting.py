@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import log_dir
+from ftframe.artifacts import log_dir, refuse_sharded
 from ftframe.errors import UserError
 
 __all__ = ["ForgettingMonitor"]
@@ -153,6 +153,10 @@ class ForgettingMonitor(Callback):
         return self._generate_state_key(reference=self.reference, probe=self.probe, task_metric=self.task_metric)
 
     # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_sharded(trainer, "ForgettingMonitor")  # it runs the bare model, outside the sharding wrapper
+
     def _prepare(self, pl_module: LightningModule) -> None:
         """Tokenize the reference windows and load the probe questions (once per process)."""
         tokenizer = getattr(pl_module, "tokenizer", None)

@@ -18,7 +18,9 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["METADATA_FILE", "log_dir", "metadata", "replace_dir", "write_trained"]
+from ftframe.errors import UserError
+
+__all__ = ["METADATA_FILE", "log_dir", "metadata", "refuse_sharded", "replace_dir", "write_trained"]
 
 METADATA_FILE = "ftframe.json"
 
@@ -37,6 +39,19 @@ def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
+
+
+#: strategies that shard parameters across processes: a rank does not hold whole trainable tensors
+SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def refuse_sharded(trainer: Trainer, who: str) -> None:
+    """Fail at start-up under a parameter-sharding strategy, which the trained-folder writers do not gather yet."""
+    name = type(trainer.strategy).__name__
+    if name in SHARDING_STRATEGIES:
+        raise UserError(f"{who} cannot run under {name} yet: the trainable weights would have to be gathered from "
+                        "the shards first, which ftframe does not do yet. Use strategy: ddp (every process holds the "
+                        "whole model; adapters are small), or a single device")
 
 
 def log_dir(trainer: Trainer) -> Path:
