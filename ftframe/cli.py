@@ -138,7 +138,7 @@ def _download(names: str | list[str] | None = None, force: bool = False) -> None
     """Download offline assets (default model and datasets) into the ftframe cache.
 
     Args:
-        names: Asset names; default: all of smollm2-135m-instruct, gsm8k, chatterbot, mmlu, sotu.
+        names: Asset names; default: all of smollm2-135m-instruct, gsm8k, chatterbot, mmlu, sotu, rotten-tomatoes.
         force: Download again even if present.
     """
     from ftframe import assets

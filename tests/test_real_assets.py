@@ -122,3 +122,18 @@ def test_sotu_asset_and_the_forgetting_monitors_reference_windows():
     windows = monitor._reference_windows(load_tokenizer(MODEL))
     assert len(windows) == 8 and all(len(w) == 512 and scored == 511 for w, scored in windows)
     assert len({tuple(w) for w, _ in windows}) == 8  # eight different speeches
+
+
+def test_rotten_tomatoes_asset_and_its_stratified_split():
+    from ftframe.data import ClassificationDataModule
+
+    records = [json.loads(line) for line in assets.asset_path("rotten-tomatoes").read_text().splitlines()]
+    assert len(records) == 12808 and {r["label"] for r in records} == {"fresh", "rotten"}
+    assert sum(r["label"] == "fresh" for r in records) == 7403 and all(r["text"].strip() for r in records)
+    dm = ClassificationDataModule(train_files="rotten-tomatoes", tokenizer=MODEL)
+    dm.setup("fit")
+    assert dm.label_names == ["fresh", "rotten"]
+    assert {k: len(d) for k, d in dm.datasets.items()} == {"train": 10246, "val": 1281, "test": 1281}
+    for split in ("val", "test"):  # the 57.8% fresh of the whole, within one example
+        fresh = sum(label == 0 for label in dm.datasets[split].labels)
+        assert abs(fresh / len(dm.datasets[split]) - 7403 / 12808) < 1 / len(dm.datasets[split])
