@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from ftframe.data.collate import LengthGroupedSampler, ResumableSampler
+from ftframe.data.collate import LengthGroupedSampler, ResumableSampler, linked_tokenizer, pad_right
 from ftframe.data.readers import Record, read_records
 from ftframe.errors import UserError
 
@@ -49,13 +49,7 @@ class ClassificationCollator:
         self.multiple = pad_to_multiple_of or 1
 
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        length = -(-longest // self.multiple) * self.multiple
-        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            input_ids[i, : len(e["input_ids"])] = e["input_ids"]
-            attention_mask[i, : len(e["input_ids"])] = 1
+        input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], self.pad_token_id, self.multiple)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "labels": torch.stack([e["labels"] for e in examples])}  # (B,)
 
@@ -235,18 +229,11 @@ class ClassificationDataModule(LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed))
 
     def _collator(self) -> ClassificationCollator:
-        tok = self._get_tokenizer()
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return ClassificationCollator(pad, self.pad_to_multiple_of)
+        return ClassificationCollator(self._get_tokenizer().pad_token_id, self.pad_to_multiple_of)
 
     def _get_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            if not self.tokenizer_name:
-                raise UserError("the data module has no tokenizer: set model.model_name (the CLI links it to "
-                                "data.tokenizer) or pass tokenizer= when using the class directly")
-            from ftframe.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.tokenizer_name)
+            self.tokenizer = linked_tokenizer(self.tokenizer_name)
         return self.tokenizer
 
     def _read(self, files: list[str]) -> list[Record]:

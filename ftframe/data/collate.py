@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["LengthGroupedSampler", "PackCollator", "PadCollator", "PromptCollator", "ResumableSampler", "TokenDataset"]
+from ftframe.errors import UserError
+
+__all__ = ["LengthGroupedSampler", "PackCollator", "PadCollator", "PromptCollator", "ResumableSampler", "TokenDataset",
+           "linked_tokenizer", "pad_right"]
 
 
 class TokenDataset(Dataset):
@@ -35,18 +39,34 @@ class PadCollator:
         self.multiple = pad_to_multiple_of or 1
 
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        length = -(-longest // self.multiple) * self.multiple
-        n = len(examples)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((n, length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], self.pad_token_id, self.multiple)
+        labels = torch.full_like(input_ids, -100)
         for i, e in enumerate(examples):
-            t = len(e["input_ids"])
-            input_ids[i, :t] = e["input_ids"]
-            labels[i, :t] = e["labels"]
-            attention_mask[i, :t] = 1
+            labels[i, : len(e["labels"])] = e["labels"]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pad_right(sequences: Sequence[torch.Tensor], pad_token_id: int,
+              multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of shape (B, T): right-padded to the longest, rounded up to ``multiple``."""
+    longest = max(len(x) for x in sequences)
+    length = -(-longest // multiple) * multiple
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        input_ids[i, : len(x)] = x
+        attention_mask[i, : len(x)] = 1
+    return input_ids, attention_mask
+
+
+def linked_tokenizer(name: str | None) -> Any:
+    """The tokenizer a data module uses: the model's, whose name the CLI links to ``data.tokenizer``."""
+    if not name:
+        raise UserError("the data module has no tokenizer: set model.model_name (the CLI links it to data.tokenizer) "
+                        "or pass tokenizer= when using the class directly")
+    from ftframe.models import load_tokenizer
+
+    return load_tokenizer(name)
 
 
 class PackCollator:

@@ -25,6 +25,7 @@ from ftframe.data.collate import (
     PromptCollator,
     ResumableSampler,
     TokenDataset,
+    linked_tokenizer,
 )
 from ftframe.data.readers import read_records, resolve_source
 from ftframe.data.templates import TEMPLATES, Format, detect_format, render, to_messages
@@ -221,12 +222,7 @@ class InstructionDataModule(LightningDataModule):
 
     def _get_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            if not self.tokenizer_name:
-                raise UserError("the data module has no tokenizer: set model.model_name (the CLI links it to "
-                                "data.tokenizer) or pass tokenizer= when using the class directly")
-            from ftframe.models import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.tokenizer_name)
+            self.tokenizer = linked_tokenizer(self.tokenizer_name)
         return self.tokenizer
 
     def _resolved_template(self) -> str:
