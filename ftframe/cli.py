@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import ftframe.data
 import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
-from ftframe.callbacks import AdapterCheckpoint, AdapterExport
+from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ClassificationReport
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -64,6 +64,35 @@ class FTFrameCLI(LightningCLI):
         parser.add_argument("--validate_before_fit", type=bool, default=False,
                             help="fit only: run validation before training and print the loss before/after")
 
+    def before_instantiate_classes(self) -> None:
+        """Link the data's label names into a classification task: their number sizes the head, never typed twice.
+
+        (A jsonargparse instantiation link cannot do it: the task is optional, and ``None`` has no ``labels``.)
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        task = config.get("model.init_args.task")
+        if not task or "labels" not in (task.get("init_args") or {}):
+            return
+        import importlib
+
+        from jsonargparse import Namespace
+
+        module, _, name = config["data.class_path"].rpartition(".")
+        data_cls = getattr(importlib.import_module(module), name)
+        if not hasattr(data_cls, "num_labels"):
+            if task.init_args.labels is None:
+                raise UserError(f"model.task {task.class_path} needs label names, and data {config['data.class_path']} "
+                                "has none: use --data ClassificationDataModule (its labels are linked to the task), or "
+                                "set model.task.init_args.labels")
+            return
+        init_args = config.get("data.init_args") or Namespace()
+        datamodule = data_cls(**init_args.as_dict())
+        data_labels = [str(name) for name in datamodule.label_names_from_data()]
+        if task.init_args.labels is not None and list(task.init_args.labels) != data_labels:
+            raise UserError(f"model.task.init_args.labels {list(task.init_args.labels)} differ from the data's "
+                            f"{data_labels}; leave the task's unset (they are linked from the data) or set data.labels")
+        task.init_args.labels = data_labels
+
     def _resolve_ckpt_path(self) -> None:
         """Let ``--ckpt_path`` name a checkpoint folder, its ``last`` link, the checkpoints folder or ``last``."""
         kwargs = self.config_init[self.subcommand]
@@ -90,11 +119,20 @@ class FTFrameCLI(LightningCLI):
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
 
+    def _add_report(self) -> None:
+        """A classifier's test / predict writes its error analysis unless the config already has a report."""
+        task = getattr(self.model, "task", None)
+        if getattr(task, "labels", None) is not None and not any(
+                isinstance(cb, ClassificationReport) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(ClassificationReport())
+
     def before_test(self) -> None:
         self._resolve_ckpt_path()
+        self._add_report()
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
+        self._add_report()
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()

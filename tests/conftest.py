@@ -87,5 +87,4 @@ def cache_dir(tmp_path) -> str:
 def real_assets_available() -> bool:
     from ftframe import assets
 
-    return all((assets.cache_root() / "assets" / n / assets.ASSETS[n].filename).is_file()
-               for n in assets.DEFAULT_ASSETS)
+    return all(assets.is_downloaded(n) for n in assets.DEFAULT_ASSETS)

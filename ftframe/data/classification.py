@@ -27,31 +27,44 @@ __all__ = ["ClassificationDataModule", "ClassificationDataset", "ClassificationC
 
 
 class ClassificationDataset(Dataset):
-    """Tokenized examples ``{"input_ids": LongTensor(T), "labels": LongTensor()}`` plus where each came from."""
+    """Tokenized examples ``{"input_ids": LongTensor(T), "labels": LongTensor()}`` with their text and origin."""
 
-    def __init__(self, input_ids: list[torch.Tensor], labels: list[int], where: list[str]) -> None:
+    def __init__(self, input_ids: list[torch.Tensor], labels: list[int], where: list[str],
+                 texts: list[str] | None = None, pairs: list[str | None] | None = None) -> None:
         self.input_ids = input_ids
         self.labels = labels
         self.where = where
+        self.texts = texts if texts is not None else [""] * len(input_ids)
+        self.pairs = pairs if pairs is not None else [None] * len(input_ids)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": torch.tensor(self.labels[i])}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "labels": torch.tensor(self.labels[i]), "text": self.texts[i],
+                "text_pair": self.pairs[i], "where": self.where[i]}
 
 
 class ClassificationCollator:
-    """Pad to the longest example of the batch (dynamic padding), on the right; labels are one id per example."""
+    """Pad to the longest example of the batch (dynamic padding), on the right; labels are one id per example.
+
+    The batch also carries each example's ``text``, ``text_pair`` and ``where`` (file:line), for error analysis.
+    """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8) -> None:
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of or 1
 
-    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], self.pad_token_id, self.multiple)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.stack([e["labels"] for e in examples])}  # (B,)
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                 "labels": torch.stack([e["labels"] for e in examples])}  # (B,)
+        if "text" in examples[0]:
+            batch["text"] = [e["text"] for e in examples]
+            batch["where"] = [e["where"] for e in examples]
+            if any(e["text_pair"] is not None for e in examples):
+                batch["text_pair"] = [e["text_pair"] for e in examples]
+        return batch
 
 
 class ClassificationDataModule(LightningDataModule):
@@ -142,6 +155,12 @@ class ClassificationDataModule(LightningDataModule):
             self._decide_labels(self._read(self.train_files))
         assert self.label_names is not None
         return len(self.label_names)
+
+    def label_names_from_data(self) -> list[str]:
+        """The label names in id order, reading the training records if ``setup`` has not run yet."""
+        self.num_labels  # noqa: B018 -- decides the names
+        assert self.label_names is not None
+        return list(self.label_names)
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -309,7 +328,7 @@ class ClassificationDataModule(LightningDataModule):
 
     def _tokenize(self, split: str, examples: list[tuple[Record, str, str | None, int]]) -> ClassificationDataset:
         tok = self._get_tokenizer()
-        ids, labels, where, truncated = [], [], [], 0
+        ids, labels, where, texts, pairs, truncated = [], [], [], [], [], 0
         for record, text, pair, label in examples:
             full = tok(text, pair, add_special_tokens=True)["input_ids"]
             if len(full) > self.max_length:
@@ -319,13 +338,15 @@ class ClassificationDataModule(LightningDataModule):
             ids.append(torch.tensor(full, dtype=torch.long))
             labels.append(label)
             where.append(record.where)
+            texts.append(text)
+            pairs.append(pair)
         counts = Counter(labels)
         assert self.label_names is not None
         dist = ", ".join(f"{name} {counts[i]}" for i, name in enumerate(self.label_names))
         self.stats[split] = {"examples": len(ids), "truncated": truncated, "labels": dict(counts)}
         rank_zero_info(f"[ftframe] {split}: {len(ids)} examples ({dist}); {truncated} truncated to max_length="
                        f"{self.max_length}")
-        return ClassificationDataset(ids, labels, where)
+        return ClassificationDataset(ids, labels, where, texts, pairs)
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:

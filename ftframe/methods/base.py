@@ -130,6 +130,10 @@ class FineTuneModule(LightningModule):
         # Checkpoints hold trainable weights only, so loading them must not demand the frozen base.
         self.strict_loading = False
         self.val_loss = MeanMetric()
+        self.val_metrics: Any = None  # the task's metrics (e.g. accuracy, F1), built with the model
+        self.test_metrics: Any = None
+        #: the last computed ``{"val": ..., "test": ...}`` metric values, tensors included (confusion matrices)
+        self.computed_metrics: dict[str, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_base(self, config: Any) -> None:
@@ -144,7 +148,7 @@ class FineTuneModule(LightningModule):
 
     def load_base_model(self) -> torch.nn.Module:
         """Load the base model for :attr:`task` from :attr:`model_name` (override to quantize or otherwise change it)."""
-        return load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name)
+        return load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name, **self.task.model_kwargs())
 
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
         """Turn the loaded base into the trainable model. Default: apply :meth:`peft_config` if it is not ``None``."""
@@ -194,7 +198,8 @@ class FineTuneModule(LightningModule):
         self.tokenizer = load_tokenizer(self.model_name)
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model(self.model_name))
+        self.task.bind(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        config = AutoConfig.from_pretrained(resolve_model(self.model_name), **self.task.model_kwargs())
         self.check_base(config)  # before any weight is loaded
         peft_config = self.peft_config()
         if isinstance(getattr(peft_config, "target_modules", None), (list, set)):
@@ -207,6 +212,9 @@ class FineTuneModule(LightningModule):
             model.config.pad_token_id = self.tokenizer.pad_token_id
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
         model = self.adapt(model).train()  # from_pretrained returns eval mode; dropout etc. must be on in training
+        head = self.task.head(model)
+        if self.task.new_head and head is not None and not hasattr(model, "peft_config"):
+            head.requires_grad_(True)  # a freshly initialized head must learn (peft methods: modules_to_save does it)
         dtype = self._frozen_dtype()
         if dtype is not None and cast_frozen_linear(model, dtype):
             own_mapped_weights(model)  # else the few fp32 weights left would keep the whole checkpoint file resident
@@ -221,6 +229,9 @@ class FineTuneModule(LightningModule):
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         self.model = model
+        metrics = self.task.metrics()
+        if metrics is not None:
+            self.val_metrics, self.test_metrics = metrics.clone(), metrics.clone()
         trainable, total = self.parameter_counts()
         if trainable == 0:
             raise UserError(f"{type(self).__name__} left no trainable parameters; check its options")
@@ -266,23 +277,50 @@ class FineTuneModule(LightningModule):
         # fresh state in the current grad mode: a state created under ``trainer.validate``'s inference mode cannot
         # be updated by the validation that runs inside ``fit`` (e.g. validate_before_fit, then a sanity check)
         self.val_loss.reset()
+        if self.val_metrics is not None:
+            self.val_metrics.reset()
 
     def on_test_epoch_start(self) -> None:
         self.val_loss.reset()
+        if self.test_metrics is not None:
+            self.test_metrics.reset()
 
     @final
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.model is not None
-        loss, n_tokens = self.task.loss(self.model, batch)
-        self.val_loss.update(loss, weight=n_tokens)  # token-weighted mean over the whole set
+        loss, weight, outputs = self.task.evaluate(self.model, batch)
+        self.val_loss.update(loss, weight=weight)  # weighted (e.g. by tokens) mean over the whole set
         self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
+        if self.val_metrics is not None and outputs is not None:
+            self.val_metrics.update(*outputs)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_task_metrics("val", self.val_metrics)
 
     @final
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Updates the test loss and metrics; returns per-example records for error-analysis callbacks."""
         assert self.model is not None
-        loss, n_tokens = self.task.loss(self.model, batch)
-        self.val_loss.update(loss, weight=n_tokens)
+        loss, weight, outputs = self.task.evaluate(self.model, batch)
+        self.val_loss.update(loss, weight=weight)
         self.log("test/loss", self.val_loss, on_step=False, on_epoch=True)
+        if outputs is None:
+            return []
+        if self.test_metrics is not None:
+            self.test_metrics.update(*outputs)
+        return self.task.examples(batch, outputs)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_task_metrics("test", self.test_metrics)
+
+    def _log_task_metrics(self, stage: str, metrics: Any) -> None:
+        if metrics is None or self.trainer.sanity_checking or not any(m.update_called for m in metrics.values()):
+            return
+        computed = metrics.compute()  # reduced over all ranks by torchmetrics
+        self.computed_metrics[stage] = {k: v.detach().cpu() for k, v in computed.items()}
+        values = self.task.log_values(computed)
+        # already reduced: log without another sync, on every rank alike
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=False)
 
     @final
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:

@@ -139,7 +139,10 @@ class BottleneckAdapters(FineTuneModule):
         assert self.model is not None, "configure_model() has not run"
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if "bottleneck_" in k}
+        # the adapters, plus any other trained weight (a classification head)
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
+                   if "bottleneck_" in k or k in trained}
         save_file(weights, str(directory / WEIGHTS))
         (directory / CONFIG).write_text(json.dumps({"size": self.size, "after": self.after,
                                                    "base_model_name_or_path": self.model_name}, indent=1))

@@ -64,7 +64,10 @@ class LastLayers(FineTuneModule):
         for block in list(blocks)[len(blocks) - self.num_layers:]:
             block.requires_grad_(True)
         if self.train_head:
-            model.get_output_embeddings().requires_grad_(True)
+            head = self.task.head(model)
+            if head is None:
+                raise UserError(f"LastLayers: {type(model).__name__} has no output head to train; set train_head: false")
+            head.requires_grad_(True)
             norm = getattr(getattr(model, "model", None), "norm", None)
             if self.num_layers > 0 and isinstance(norm, torch.nn.Module):  # a linear probe trains the head alone
                 norm.requires_grad_(True)

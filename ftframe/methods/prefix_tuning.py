@@ -12,7 +12,10 @@ unpacked for them, as for :class:`ftframe.methods.PromptTuning`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
+
+import torch
 
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -48,6 +51,13 @@ class PrefixTuning(FineTuneModule):
         if not getattr(config, "use_cache", True) or getattr(config, "is_encoder_decoder", False):
             raise UserError(f"PrefixTuning needs a decoder-only model with a key/value cache; {self.model_name!r} "
                             f"({getattr(config, 'model_type', '?')}) has none. Use PromptTuning or PTuning instead")
+
+    def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
+        if "past_key_values" not in inspect.signature(model.forward).parameters:
+            raise UserError(f"PrefixTuning: {type(model).__name__}.forward takes no past_key_values, through which "
+                            "peft passes the prefixes (transformers' sequence-classification heads do not). Use PTuning "
+                            "or PromptTuning (virtual input tokens) or LoRA instead")
+        return super().adapt(model)
 
     def peft_config(self) -> Any:
         from peft import PrefixTuningConfig

@@ -89,7 +89,7 @@ class QLoRA(FineTuneModule):
         # bitsandbytes quantizes while loading, so weights must land directly on the training device
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         model = load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name,
-                           quantization_config=quant, device_map={"": device})
+                           quantization_config=quant, device_map={"": device}, **self.task.model_kwargs())
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         keep_trainable_layout(model)
         return model
