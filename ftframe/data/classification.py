@@ -329,17 +329,24 @@ class ClassificationDataModule(LightningDataModule):
     def _tokenize(self, split: str, examples: list[tuple[Record, str, str | None, int]]) -> ClassificationDataset:
         tok = self._get_tokenizer()
         ids, labels, where, texts, pairs, truncated = [], [], [], [], [], 0
-        for record, text, pair, label in examples:
-            full = tok(text, pair, add_special_tokens=True)["input_ids"]
-            if len(full) > self.max_length:
-                truncated += 1
-                full = tok(text, pair, add_special_tokens=True, truncation=True, max_length=self.max_length)[
-                    "input_ids"]
-            ids.append(torch.tensor(full, dtype=torch.long))
-            labels.append(label)
-            where.append(record.where)
-            texts.append(text)
-            pairs.append(pair)
+        chunk = 512  # a fast tokenizer encodes a list in parallel
+        for start in range(0, len(examples), chunk):
+            part = examples[start: start + chunk]
+            text_batch = [text for _, text, _, _ in part]
+            pair_batch = [pair for _, _, pair, _ in part] if self.text_pair_field else None
+            encoded = tok(text_batch, pair_batch, add_special_tokens=True, truncation=True, max_length=self.max_length)
+            overflow = [bool(e.overflowing) for e in encoded.encodings] if encoded.encodings else None
+            for i, (record, text, pair, label) in enumerate(part):
+                full = encoded["input_ids"][i]
+                if overflow is not None:
+                    truncated += overflow[i]
+                elif len(full) >= self.max_length:  # a slow tokenizer: count what reached the limit
+                    truncated += len(tok(text, pair, add_special_tokens=True)["input_ids"]) > self.max_length
+                ids.append(torch.tensor(full, dtype=torch.long))
+                labels.append(label)
+                where.append(record.where)
+                texts.append(text)
+                pairs.append(pair)
         counts = Counter(labels)
         assert self.label_names is not None
         dist = ", ".join(f"{name} {counts[i]}" for i, name in enumerate(self.label_names))
