@@ -101,6 +101,12 @@ class CausalLM(Task):
         self.label_smoothing = label_smoothing
         self.loss_chunk_size = loss_chunk_size
 
+    def bind(self, datamodule: Any) -> None:
+        if getattr(datamodule, "label_names", None) is not None:  # set up with labelled texts
+            raise UserError(f"{type(datamodule).__name__} holds labelled texts, but the task is causal-LM tuning; set "
+                            "model.task to SequenceClassification (--model.task SequenceClassification), or give the "
+                            "files to InstructionDataModule as prompt/completion pairs to generate the labels")
+
     def auto_class(self) -> Any:
         from transformers import AutoModelForCausalLM
 

@@ -283,6 +283,9 @@ def test_cli_links_labels_from_the_data_and_test_writes_the_error_analysis(tiny_
     report = (out / "report.md").read_text()
     assert "Most confident mistakes" in report and "| gold \\ predicted | mid | neg | pos |" in report
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["predict", *common, *ckpt, f"--ckpt_path={run / 'ckpt' / 'last'}"])
+    predicted = [json.loads(line) for line in (run / "analysis" / "predict" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["where"], r["predicted"]) for r in predicted] == [(r["where"], r["predicted"]) for r in records]
 
 
 def test_confident_mistakes_are_sorted_and_capped():

@@ -2,5 +2,6 @@
 
 from ftframe.data.classification import ClassificationDataModule
 from ftframe.data.instruction import InstructionDataModule
+from ftframe.data.multitask import MultitaskDataModule
 
-__all__ = ["ClassificationDataModule", "InstructionDataModule"]
+__all__ = ["ClassificationDataModule", "InstructionDataModule", "MultitaskDataModule"]

@@ -111,7 +111,8 @@ def write_report(records: list[dict[str, Any]], labels: list[str], folder: str |
             for r in mistakes.get(name, []):
                 text = " ".join(str(r.get("text", "")).split())
                 text = text if len(text) <= 300 else text[:297] + "..."
-                lines.append(f"- predicted **{r['predicted']}** at {r['confidence']:.3f} ({r.get('where')}): {text}")
+                where = Path(str(r.get("where", ""))).name  # file:line, without the folder
+                lines.append(f"- predicted **{r['predicted']}** at {r['confidence']:.3f} ({where}): {text}")
             if not mistakes.get(name):
                 lines.append("- none")
             lines.append("")

@@ -134,6 +134,8 @@ class FineTuneModule(LightningModule):
         self.test_metrics: Any = None
         #: the last computed ``{"val": ..., "test": ...}`` metric values, tensors included (confusion matrices)
         self.computed_metrics: dict[str, dict[str, torch.Tensor]] = {}
+        self._member_loss = torch.nn.ModuleDict()  # "<stage>__<data set>" -> MeanMetric (several data sets)
+        self._member_metrics = torch.nn.ModuleDict()
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_base(self, config: Any) -> None:
@@ -276,54 +278,85 @@ class FineTuneModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         # fresh state in the current grad mode: a state created under ``trainer.validate``'s inference mode cannot
         # be updated by the validation that runs inside ``fit`` (e.g. validate_before_fit, then a sanity check)
-        self.val_loss.reset()
-        if self.val_metrics is not None:
-            self.val_metrics.reset()
+        self._reset_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self.val_loss.reset()
-        if self.test_metrics is not None:
-            self.test_metrics.reset()
+        self._reset_eval("test")
 
     @final
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        assert self.model is not None
-        loss, weight, outputs = self.task.evaluate(self.model, batch)
-        self.val_loss.update(loss, weight=weight)  # weighted (e.g. by tokens) mean over the whole set
-        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
-        if self.val_metrics is not None and outputs is not None:
-            self.val_metrics.update(*outputs)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_task_metrics("val", self.val_metrics)
+        self._log_eval("val")
 
     @final
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Updates the test loss and metrics; returns per-example records for error-analysis callbacks."""
-        assert self.model is not None
-        loss, weight, outputs = self.task.evaluate(self.model, batch)
-        self.val_loss.update(loss, weight=weight)
-        self.log("test/loss", self.val_loss, on_step=False, on_epoch=True)
-        if outputs is None:
-            return []
-        if self.test_metrics is not None:
-            self.test_metrics.update(*outputs)
-        return self.task.examples(batch, outputs)
+        outputs = self._eval_step("test", batch, dataloader_idx)
+        return self.task.examples(batch, outputs) if outputs is not None else []
 
     def on_test_epoch_end(self) -> None:
-        self._log_task_metrics("test", self.test_metrics)
+        self._log_eval("test")
 
-    def _log_task_metrics(self, stage: str, metrics: Any) -> None:
-        if metrics is None or self.trainer.sanity_checking or not any(m.update_called for m in metrics.values()):
+    # evaluation plumbing: one loss mean and one task-metric collection per stage, plus one of each per data set when
+    # the data module has several (``dataset_names``, e.g. MultitaskDataModule); logged at the epoch's end
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> Any:
+        assert self.model is not None
+        loss, weight, outputs = self.task.evaluate(self.model, batch)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        self.val_loss.update(loss, weight=weight)  # weighted (e.g. by tokens) mean over the whole set
+        if metrics is not None and outputs is not None:
+            metrics.update(*outputs)
+        names = self._dataset_names()
+        if names:
+            key = f"{stage}__{names[dataloader_idx]}"
+            if key not in self._member_loss:
+                self._member_loss[key] = MeanMetric().to(self.device)
+                member = self.task.metrics()
+                if member is not None:
+                    self._member_metrics[key] = member.to(self.device)
+            self._member_loss[key].update(loss, weight=weight)
+            if key in self._member_metrics and outputs is not None:
+                self._member_metrics[key].update(*outputs)
+        return outputs
+
+    def _dataset_names(self) -> list[str] | None:
+        names = getattr(getattr(self._trainer, "datamodule", None), "dataset_names", None) if self._trainer else None
+        return list(names) if names and len(names) > 1 else None
+
+    def _reset_eval(self, stage: str) -> None:
+        self.val_loss.reset()
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if metrics is not None:
+            metrics.reset()
+        for key, metric in [*self._member_loss.items(), *self._member_metrics.items()]:
+            if key.startswith(f"{stage}__"):
+                metric.reset()
+
+    def _log_eval(self, stage: str) -> None:
+        if self.trainer.sanity_checking or not self.val_loss.update_called:
             return
-        computed = metrics.compute()  # reduced over all ranks by torchmetrics
-        self.computed_metrics[stage] = {k: v.detach().cpu() for k, v in computed.items()}
-        values = self.task.log_values(computed)
-        # already reduced: log without another sync, on every rank alike
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=False)
+        # values reduced over all ranks by torchmetrics: logged without another sync, alike on every rank
+        self.log(f"{stage}/loss", self.val_loss.compute(), prog_bar=stage == "val", sync_dist=False)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        self._log_task_metrics(stage, f"{stage}/", metrics)
+        for key, loss in self._member_loss.items():
+            if key.startswith(f"{stage}__") and loss.update_called:
+                name = key.split("__", 1)[1]
+                self.log(f"{stage}/{name}/loss", loss.compute(), sync_dist=False)
+                self._log_task_metrics(f"{stage}/{name}", f"{stage}/{name}/", self._member_metrics[key]
+                                       if key in self._member_metrics else None)
+
+    def _log_task_metrics(self, where: str, prefix: str, metrics: Any) -> None:
+        if metrics is None or not any(m.update_called for m in metrics.values()):
+            return
+        computed = metrics.compute()
+        self.computed_metrics[where] = {k: v.detach().cpu() for k, v in computed.items()}
+        self.log_dict({f"{prefix}{k}": v for k, v in self.task.log_values(computed).items()}, sync_dist=False)
 
     @final
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         assert self.model is not None
         return self.task.predict(self.model, batch, self.tokenizer)
 
