@@ -12,7 +12,6 @@ unpacked for them, as for :class:`ftframe.methods.PromptTuning`.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal
 
 import torch
@@ -53,11 +52,14 @@ class PrefixTuning(FineTuneModule):
                             f"({getattr(config, 'model_type', '?')}) has none. Use PromptTuning or PTuning instead")
 
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
-        if "past_key_values" not in inspect.signature(model.forward).parameters:
-            raise UserError(f"PrefixTuning: {type(model).__name__}.forward takes no past_key_values, through which "
-                            "peft passes the prefixes (transformers' sequence-classification heads do not). Use PTuning "
-                            "or PromptTuning (virtual input tokens) or LoRA instead")
-        return super().adapt(model)
+        try:
+            return super().adapt(model)
+        except ValueError as e:
+            if "past key values" not in str(e):
+                raise
+            raise UserError(f"PrefixTuning: {type(model).__name__} does not take past_key_values, through which peft "
+                            "passes the prefixes (transformers' sequence-classification heads do not). Use PTuning or "
+                            "PromptTuning (virtual input tokens) or LoRA instead") from None
 
     def peft_config(self) -> Any:
         from peft import PrefixTuningConfig
