@@ -47,6 +47,9 @@ class Task:
         """Extra keyword arguments for ``auto_class().from_pretrained`` / ``from_config``."""
         return {}
 
+    def check_model(self, model: torch.nn.Module, method: str) -> None:
+        """Refuse an adapted model this task cannot run (called right after the method adapts it). Default: accept."""
+
     def head(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The task's output layer inside ``model`` (trained by LastLayers, saved with adapters), or ``None``."""
         base = transformers_model(model)
@@ -271,6 +274,13 @@ class SequenceClassification(Task):
             raise UserError("SequenceClassification has no label names yet: use ClassificationDataModule (the CLI links "
                             "its label_names to the task), or pass labels=[...]")
         return self.labels
+
+    def check_model(self, model: torch.nn.Module, method: str) -> None:
+        prompt_learning, virtual = virtual_tokens(model)
+        if prompt_learning and virtual == 0:
+            raise UserError(f"{method}: prefix tuning passes its prefixes as past key values, which transformers' "
+                            "sequence-classification models do not take. Use PTuning or PromptTuning (virtual input "
+                            "tokens) or LoRA instead")
 
     def auto_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import seed_everything
 from transformers import AutoModelForSequenceClassification
 
@@ -271,6 +272,8 @@ def test_cli_links_labels_from_the_data_and_test_writes_the_error_analysis(tiny_
           f"--adapter.dirpath={run / 'adapter'}"])
     meta = json.loads((run / "adapter" / "ftframe.json").read_text())
     assert meta["task"]["labels"] == ["mid", "neg", "pos"] and "val/accuracy" in meta["metrics"]
+    saved = yaml.safe_load((run / "adapter" / "config.yaml").read_text())  # the linked labels are in the run config
+    assert saved["model"]["init_args"]["task"]["init_args"]["labels"] == ["mid", "neg", "pos"]
     main(["test", *common, *ckpt, f"--ckpt_path={run / 'ckpt' / 'last'}"])
     out = run / "analysis" / "test"
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

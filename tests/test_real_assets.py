@@ -137,3 +137,36 @@ def test_rotten_tomatoes_asset_and_its_stratified_split():
     for split in ("val", "test"):  # the 57.8% fresh of the whole, within one example
         fresh = sum(label == 0 for label in dm.datasets[split].labels)
         assert abs(fresh / len(dm.datasets[split]) - 7403 / 12808) < 1 / len(dm.datasets[split])
+
+
+def test_smollm2_classifier_pools_the_last_real_token_and_its_adapter_reloads(tmp_path):
+    """SmolLM2 pads with its end-of-turn token: pooling by the mask, not by pad ids, is what makes padding harmless."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from ftframe.methods import LoRA
+    from ftframe.models import load_model
+    from ftframe.tasks import SequenceClassification
+
+    module = LoRA(model_name=MODEL, task=SequenceClassification(labels=["fresh", "rotten"]), r=4)
+    module.configure_model()
+    module.model.eval()
+    tok = module.tokenizer
+    assert tok.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    texts = ["A triumph.", "Two hours I will never get back, and the popcorn was stale too."]
+    ids = [tok(t)["input_ids"] + [tok.pad_token_id] for t in texts]  # each text ends with the pad token itself
+    longest = max(map(len, ids))
+    right = {"input_ids": torch.tensor([x + [tok.pad_token_id] * (longest - len(x)) for x in ids]),
+             "attention_mask": torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])}
+    with torch.no_grad():
+        alone = torch.cat([module.task.logits(module.model, {"input_ids": torch.tensor([x]),
+                                                             "attention_mask": torch.ones(1, len(x), dtype=torch.long)})
+                           for x in ids])
+        padded = module.task.logits(module.model, right)
+    assert torch.allclose(alone, padded, atol=1e-4)
+    module.save_trained(tmp_path / "adapter")
+    base = load_model(MODEL, AutoModelForSequenceClassification, num_labels=2)
+    base.config.pad_token_id = tok.pad_token_id
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(module.task.logits(reloaded, right), padded, atol=1e-5)

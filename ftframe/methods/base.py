@@ -214,6 +214,7 @@ class FineTuneModule(LightningModule):
             model.config.pad_token_id = self.tokenizer.pad_token_id
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
         model = self.adapt(model).train()  # from_pretrained returns eval mode; dropout etc. must be on in training
+        self.task.check_model(model, type(self).__name__)
         head = self.task.head(model)
         if self.task.new_head and head is not None and not hasattr(model, "peft_config"):
             head.requires_grad_(True)  # a freshly initialized head must learn (peft methods: modules_to_save does it)

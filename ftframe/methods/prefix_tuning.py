@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
-
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 
@@ -50,16 +48,6 @@ class PrefixTuning(FineTuneModule):
         if not getattr(config, "use_cache", True) or getattr(config, "is_encoder_decoder", False):
             raise UserError(f"PrefixTuning needs a decoder-only model with a key/value cache; {self.model_name!r} "
                             f"({getattr(config, 'model_type', '?')}) has none. Use PromptTuning or PTuning instead")
-
-    def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
-        try:
-            return super().adapt(model)
-        except ValueError as e:
-            if "past key values" not in str(e):
-                raise
-            raise UserError(f"PrefixTuning: {type(model).__name__} does not take past_key_values, through which peft "
-                            "passes the prefixes (transformers' sequence-classification heads do not). Use PTuning or "
-                            "PromptTuning (virtual input tokens) or LoRA instead") from None
 
     def peft_config(self) -> Any:
         from peft import PrefixTuningConfig
