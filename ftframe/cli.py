@@ -85,9 +85,9 @@ class FTFrameCLI(LightningCLI):
                                 "has none: use --data ClassificationDataModule (its labels are linked to the task), or "
                                 "set model.task.init_args.labels")
             return
-        init_args = config.get("data.init_args") or Namespace()
         if hasattr(data_cls, "dataset_names"):
             return  # nested data modules (MultitaskDataModule): the task reads the labels when the model is built
+        init_args = config.get("data.init_args") or Namespace()
         datamodule = data_cls(**init_args.as_dict())
         data_labels = [str(name) for name in datamodule.label_names_from_data()]
         if task.init_args.labels is not None and list(task.init_args.labels) != data_labels:
@@ -124,7 +124,7 @@ class FTFrameCLI(LightningCLI):
     def _add_report(self) -> None:
         """A classifier's test / predict writes its error analysis unless the config already has a report."""
         task = getattr(self.model, "task", None)
-        if getattr(task, "labels", None) is not None and not any(
+        if hasattr(task, "labels") and not any(
                 isinstance(cb, ClassificationReport) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(ClassificationReport())
 
@@ -178,8 +178,8 @@ def _download(names: str | list[str] | None = None, force: bool = False) -> None
     """Download offline assets (default model and datasets) into the ftframe cache.
 
     Args:
-        names: Asset names; default: all of smollm2-135m-instruct, gsm8k, chatterbot, mmlu, sotu, rotten-tomatoes, all-minilm-l6-v2,
-            spam-assassin.
+        names: Asset names; default: all of smollm2-135m-instruct, gsm8k, chatterbot, mmlu, sotu, rotten-tomatoes,
+            all-minilm-l6-v2, spam-assassin.
         force: Download again even if present.
     """
     from ftframe import assets
