@@ -95,6 +95,24 @@ class FTFrameCLI(LightningCLI):
                             f"{data_labels}; leave the task's unset (they are linked from the data) or set data.labels")
         task.init_args.labels = data_labels
 
+    def instantiate_classes(self) -> None:
+        """Build everything; a strategy Lightning refuses here (FSDP on a CPU, DeepSpeed missing) becomes a UserError."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # jsonargparse may wrap the strategy's own error: look at the whole chain
+            from ftframe.distributed import explain_strategy_error
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            strategy = config.get("trainer.strategy")
+            strategy = getattr(strategy, "class_path", strategy)
+            cause: BaseException | None = e
+            while cause is not None:
+                explained = explain_strategy_error(cause, strategy, config.get("trainer.accelerator"))
+                if explained is not None:
+                    raise explained from e
+                cause = cause.__cause__ or cause.__context__
+            raise
+
     def _resolve_ckpt_path(self) -> None:
         """Let ``--ckpt_path`` name a checkpoint folder, its ``last`` link, the checkpoints folder or ``last``."""
         kwargs = self.config_init[self.subcommand]

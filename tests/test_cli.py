@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ftframe.cli import FTFrameCLI, main
+from ftframe.errors import UserError
 from tests.helpers import tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +23,57 @@ def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "ftframe", *args], capture_output=True, text=True, cwd=ROOT, **kw)
 
 
+#: strategies Lightning runs on CUDA GPUs only: on this CPU machine their YAMLs must fail with the way out
+GPU_ONLY = {"fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_every_config_parses_and_instantiates(path, tiny_model):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ftframe "), f"{path} must open with the command that runs it"
-    cli = FTFrameCLI(args=["--config", str(path), f"--model.init_args.model_name={tiny_model}"], run=False)
+    args = ["--config", str(path), f"--model.init_args.model_name={tiny_model}"]
+    if path.parent.name == "strategy" and path.name in GPU_ONLY and not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"configs/strategy/ddp\.yaml"):
+            FTFrameCLI(args=args, run=False)
+        return
+    cli = FTFrameCLI(args=args, run=False)
     assert cli.datamodule.tokenizer_name == tiny_model  # the link: data tokenizer follows the model
+
+
+class _ParseOnly(FTFrameCLI):
+    def instantiate_classes(self) -> None:  # parse and validate the YAMLs, build nothing (no GPU needed)
+        pass
+
+
+STRATEGIES = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
+METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=[p.stem for p in STRATEGIES])
+def test_every_strategy_parses_with_every_method(strategy):
+    for method in METHOD_CONFIGS:
+        cli = _ParseOnly(args=["--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(method),
+                               "--config", str(strategy)], run=False)
+        chosen = cli.config["trainer"]["strategy"]
+        assert chosen == "ddp" or chosen["class_path"].endswith(("FSDPStrategy", "DeepSpeedStrategy")), method
+        assert cli.config["model"]["class_path"] == yaml.safe_load(method.read_text())["model"]["class_path"]
+
+
+def test_fsdp_policies_wrap_blocks_and_modules_that_train_alone(tiny_model):
+    from ftframe.distributed import decoder_block_policy, fsdp_auto_wrap_policy
+    from ftframe.methods import LoRA
+
+    module = LoRA(model_name=tiny_model, r=2)
+    module.configure_model()
+    wrapped = {name for name, m in module.model.named_modules() if name and fsdp_auto_wrap_policy(m, False, 0)}
+    blocks = {name for name, m in module.model.named_modules() if type(m).__name__ == "LlamaDecoderLayer"}
+    assert blocks and blocks <= wrapped
+    for name in wrapped - blocks:  # the rest: LoRA factors, each holding trainable weights only
+        params = list(dict(module.model.named_modules())[name].parameters(recurse=False))
+        assert params and all(p.requires_grad for p in params) and ("lora_A" in name or "lora_B" in name), name
+    assert any("lora_A" in n for n in wrapped) and not any(n.endswith("q_proj.base_layer") for n in wrapped)
+    checkpointed = {name for name, m in module.model.named_modules() if name and decoder_block_policy(m, False, 0)}
+    assert checkpointed == blocks
 
 
 def test_model_name_is_linked_to_tokenizer(tiny_model):

@@ -1,0 +1,75 @@
+"""DDP on the CPU for every method: 2 processes x 2 examples train like 1 process x 4, and their adapters reload.
+
+The data has completions of equal token length, so each rank's mean loss weighs its examples as the single process
+does; DDP's averaged gradient is then the single process's gradient, and the two runs agree up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import WORDS
+from tests.test_methods_contract import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["FullFineTune", "LoRA", "DoRA", "IA3", "LastLayers", "PromptTuning", "PTuning", "PrefixTuning",
+         "BottleneckAdapters", "QLoRA", "LoftQ"]
+STEPS = 4
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def even_data(tmp_path_factory) -> str:
+    """Arithmetic in words; every completion is 6 tokens of the tiny tokenizer (each number word is one token)."""
+    records = []
+    for i in range(48):
+        a, b = i % 10, (i * 7 + 3) % 10
+        records.append({"prompt": f"What is {WORDS[a]} plus {WORDS[b]}?",
+                        "completion": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[(a + b) % 10]}."})
+    path = tmp_path_factory.mktemp("even") / "even.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, even_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    for devices, batch in ((2, 2), (1, 4)):
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_job.py"), str(out / f"devices{devices}"),
+                               tiny_model, even_data, str(devices), str(batch), str(STEPS), *NAMES],
+                              cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_processes_train_like_one_with_the_same_global_batch(name, runs):
+    ddp = json.loads((runs / "devices2" / name / "losses.json").read_text())
+    single = json.loads((runs / "devices1" / name / "losses.json").read_text())
+    assert len(ddp) == len(single) == STEPS
+    assert ddp[-1] != ddp[0], "the loss did not move"
+    assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
+    a = load_file(str(runs / "devices2" / name / "trained.safetensors"))
+    b = load_file(str(runs / "devices1" / name / "trained.safetensors"))
+    assert a.keys() == b.keys() and a
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-3, f"trained weights differ by up to {worst}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_adapter_saved_under_ddp_loads_in_one_process_with_the_same_logits(name, runs, tiny_model):
+    folder = runs / "devices2" / name
+    _, _, _, reload = METHODS[name]
+    model = reload(str(folder / "artifact"), tiny_model).eval()
+    saved = torch.load(folder / "logits.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+    assert torch.allclose(logits, saved["logits"], atol=1e-5), (logits - saved["logits"]).abs().max()
