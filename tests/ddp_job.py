@@ -58,7 +58,7 @@ def main() -> None:
             folder = Path(out) / name
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "losses.json").write_text(json.dumps(recorder.losses))
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.trainable_state_dict().items()},
+            save_file({k: v.detach().cpu().clone() for k, v in module.trainable_state_dict().items()},
                       str(folder / "trained.safetensors"))
             module.model.eval()
             fixed = unpack(next(iter(dm.val_dataloader())))

@@ -203,7 +203,7 @@ def test_checkpoint_folders_load_in_peft_and_hold_resume_state(tiny_model, tiny_
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert set(state["state_dict"]) == trainable  # never the frozen base
     assert state["optimizer_states"] and state["lr_schedulers"] and state["loops"]
-    assert state["InstructionDataModule"] == {"epoch": 0, "batches": 7}
+    assert state["InstructionDataModule"] == {"epoch": 0, "batches": 7, "examples": 28}  # 7 steps x batch 4
     assert len(state["ftframe_rng_states"]) == 1
     # the folder is a plain peft adapter: same logits as the trained module
     base = AutoModelForCausalLM.from_pretrained(tiny_model)

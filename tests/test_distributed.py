@@ -73,3 +73,21 @@ def test_an_adapter_saved_under_ddp_loads_in_one_process_with_the_same_logits(na
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
     assert torch.allclose(logits, saved["logits"], atol=1e-5), (logits - saved["logits"]).abs().max()
+
+
+def test_rank_shards_split_the_seeded_order_without_reshuffling_it():
+    from ftframe.data.collate import RankShard, ResumableSampler
+
+    sampler = ResumableSampler(11, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    shards = [RankShard(ResumableSampler(11, seed=3), num_replicas=2, rank=r) for r in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(2)  # Lightning calls this; it reaches the wrapped sampler
+    got = [list(s) for s in shards]
+    assert [len(s) for s in shards] == [6, 6] and got[0] == order[0::2] and got[1] == order[1::2] + order[:1]
+    # a resumed epoch skips what both ranks consumed (examples of the whole order) and slices the rest alike
+    resumed = RankShard(ResumableSampler(11, seed=3), num_replicas=2, rank=1)
+    resumed.sampler.resume_from(2, 4)
+    resumed.set_epoch(2)
+    assert len(resumed) == 4 and list(resumed) == (order[4:] + order[4:5])[1::2]

@@ -19,7 +19,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from ftframe.data.collate import LengthGroupedSampler, ResumableSampler, linked_tokenizer, pad_right
+from ftframe.data.collate import (
+    LengthGroupedSampler,
+    ResumableSampler,
+    linked_tokenizer,
+    pad_right,
+    shard_for,
+    world_size_of,
+)
 from ftframe.data.readers import Record, read_records
 from ftframe.errors import UserError
 
@@ -211,10 +218,11 @@ class ClassificationDataModule(LightningDataModule):
         else:
             self._sampler = ResumableSampler(len(data), seed=self.seed)
         if self._resume is not None:
-            self._sampler.resume_from(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._sampler.resume_from(self._resume["epoch"], self._resume["examples"])
             self._resume = None
-        return DataLoader(data, batch_size=self.batch_size, sampler=self._sampler, collate_fn=self._collator(),
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(data, batch_size=self.batch_size, sampler=shard_for(self._sampler, self.trainer),
+                          collate_fn=self._collator(), num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -231,7 +239,9 @@ class ClassificationDataModule(LightningDataModule):
         if trainer is None or trainer.state.fn != "fit":
             return {"label_names": self.label_names}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches": progress.processed, "label_names": self.label_names}
+        # a step took batch_size examples on every rank: examples of the whole order consumed so far
+        return {"epoch": trainer.current_epoch, "batches": progress.processed, "label_names": self.label_names,
+                "examples": progress.processed * self.batch_size * world_size_of(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("label_names")
@@ -239,7 +249,8 @@ class ClassificationDataModule(LightningDataModule):
             raise UserError(f"the checkpoint was trained with labels {saved}, this data has {self.label_names}; "
                             "set labels: to the checkpoint's list")
         if state_dict.get("batches"):
-            self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+            examples = state_dict.get("examples", int(state_dict["batches"]) * self.batch_size)
+            self._resume = {"epoch": int(state_dict["epoch"]), "examples": int(examples)}
 
     # ------------------------------------------------------------------ internals
     def _eval_loader(self, split: str) -> DataLoader:

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ftframe.errors import UserError
 
@@ -190,3 +190,45 @@ class LengthGroupedSampler(ResumableSampler):
         if skip:
             self._resume = None
         return iter(grouped[skip:])
+
+
+class RankShard(DistributedSampler):
+    """This process's share of a sampler's order under DDP: positions ``rank, rank + world, ...`` of it.
+
+    Lightning would otherwise wrap a custom sampler in a ``DistributedSampler`` that shuffles its order again; slicing
+    the order instead keeps ftframe's seeded (and resumable) order, so one global batch of ``world x batch_size``
+    examples holds exactly the examples a single process with that batch size would see. The order is padded by
+    wrapping around to a multiple of ``world`` so that every rank takes the same number of steps.
+    """
+
+    def __init__(self, sampler: ResumableSampler, num_replicas: int, rank: int) -> None:
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-(len(self.sampler) - self.sampler._skip()) // self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        if not order:
+            return iter([])
+        total = -(-len(order) // self.num_replicas) * self.num_replicas
+        order += order[: total - len(order)]
+        return iter(order[self.rank::self.num_replicas])
+
+
+def world_size_of(trainer: Any) -> int:
+    """Number of training processes (1 without a trainer)."""
+    return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+
+def shard_for(sampler: ResumableSampler, trainer: Any) -> Sampler[int]:
+    """``sampler`` itself in one process, its :class:`RankShard` under a multi-process strategy."""
+    world = world_size_of(trainer)
+    if world <= 1:
+        return sampler
+    return RankShard(sampler, num_replicas=world, rank=int(trainer.global_rank))

@@ -26,6 +26,8 @@ from ftframe.data.collate import (
     ResumableSampler,
     TokenDataset,
     linked_tokenizer,
+    shard_for,
+    world_size_of,
 )
 from ftframe.data.readers import read_records, resolve_source
 from ftframe.data.templates import TEMPLATES, Format, detect_format, render, to_messages
@@ -172,9 +174,10 @@ class InstructionDataModule(LightningDataModule):
         else:
             self._sampler = ResumableSampler(len(self.train_dataset), seed=self.seed)
         if self._resume is not None:
-            self._sampler.resume_from(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._sampler.resume_from(self._resume["epoch"], self._resume["examples"])
             self._resume = None
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=self._sampler,
+        return DataLoader(self.train_dataset, batch_size=self.batch_size,
+                          sampler=shard_for(self._sampler, self.trainer),  # under DDP: this rank's slice of the order
                           collate_fn=self._collator(), num_workers=self.num_workers, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
@@ -198,11 +201,14 @@ class InstructionDataModule(LightningDataModule):
         if trainer is None or trainer.state.fn != "fit":
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+        # a step took batch_size examples on every rank: examples of the whole order consumed so far
+        return {"epoch": trainer.current_epoch, "batches": progress.processed,
+                "examples": progress.processed * self.batch_size * world_size_of(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("batches"):
-            self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+            examples = state_dict.get("examples", int(state_dict["batches"]) * self.batch_size)
+            self._resume = {"epoch": int(state_dict["epoch"]), "examples": int(examples)}
             # Lightning cannot see that this module restores the position itself and would warn that it does not
             warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
 
