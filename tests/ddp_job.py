@@ -1,9 +1,9 @@
 """A training job for tests/test_distributed.py, run as a script so Lightning's DDP launcher can start its ranks.
 
-    python tests/ddp_job.py OUT MODEL DATA DEVICES BATCH STEPS METHOD [METHOD ...]
+    python tests/ddp_job.py OUT MODEL DATA DEVICES BATCH STEPS PRECISION METHOD [METHOD ...]
 
 For each method (a key of ``tests.test_methods_contract.METHODS``) it trains ``STEPS`` steps on the CPU with
-``DEVICES`` processes of ``BATCH`` examples each and writes, from rank 0, ``OUT/<method>/``: ``losses.json`` (the
+``DEVICES`` processes of ``BATCH`` examples each, in Lightning precision ``PRECISION``, and writes, from rank 0, ``OUT/<method>/``: ``losses.json`` (the
 loss of every step, averaged over the ranks), ``trained.safetensors`` (the trainable weights), ``logits.pt`` (the
 trained model's logits on a fixed padded batch) and ``artifact/`` (what ``save_trained`` writes).
 """
@@ -42,7 +42,7 @@ class StepLosses(Callback):
 
 
 def main() -> None:
-    out, model, data, devices, batch, steps, *names = sys.argv[1:]
+    out, model, data, devices, batch, steps, precision, *names = sys.argv[1:]
     for name in names:
         seed_everything(0)
         cls, kwargs, _, _ = METHODS[name]
@@ -52,7 +52,7 @@ def main() -> None:
         recorder = StepLosses()
         trainer = tiny_trainer(Path(out) / name, max_steps=int(steps), devices=int(devices),
                                strategy="ddp" if int(devices) > 1 else "auto", callbacks=[recorder],
-                               use_distributed_sampler=True)
+                               precision=precision)
         trainer.fit(module, datamodule=dm)
         if trainer.is_global_zero:
             folder = Path(out) / name
@@ -62,7 +62,7 @@ def main() -> None:
                       str(folder / "trained.safetensors"))
             module.model.eval()
             fixed = unpack(next(iter(dm.val_dataloader())))
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
                 logits = module.model(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"]).logits
             torch.save({"logits": logits, "input_ids": fixed["input_ids"], "attention_mask": fixed["attention_mask"]},
                        folder / "logits.pt")
