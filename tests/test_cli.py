@@ -24,7 +24,7 @@ def _run(args, **kw):
 
 
 #: strategies Lightning runs on CUDA GPUs only: on this CPU machine their YAMLs must fail with the way out
-GPU_ONLY = {"fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+GPU_ONLY = {"fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "ddp_2nodes.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
