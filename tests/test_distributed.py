@@ -100,3 +100,20 @@ def test_rank_shards_split_the_seeded_order_without_reshuffling_it():
     resumed.sampler.resume_from(2, 4)
     resumed.set_epoch(2)
     assert len(resumed) == 4 and list(resumed) == (order[4:] + order[4:5])[1::2]
+
+
+def test_qlora_stores_4bit_weights_in_the_compute_dtype_under_fsdp(tiny_model):
+    from types import SimpleNamespace
+
+    from ftframe.methods import QLoRA
+
+    class FSDPStrategy:  # stands for Lightning's (which refuses to exist without a GPU)
+        pass
+
+    module = QLoRA(model_name=tiny_model, compute_dtype="bfloat16")
+    assert module.quantization_config().bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    config = module.quantization_config()
+    assert config.bnb_4bit_quant_storage == torch.bfloat16 and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert QLoRA(model_name=tiny_model, quant_storage="float16").quantization_config().bnb_4bit_quant_storage \
+        == torch.float16

@@ -35,6 +35,9 @@ class QLoRA(FineTuneModule):
         quant_type: 4-bit data type of the frozen weights.
         double_quant: Also quantize the quantization constants (saves ~0.4 bit per parameter).
         compute_dtype: dtype the 4-bit weights are dequantized to for matmuls.
+        quant_storage: dtype the packed 4-bit weights are stored in. ``auto``: ``uint8`` (bitsandbytes' default), or
+            under FSDP the ``compute_dtype``, so that FSDP can flatten and shard the 4-bit weights together with the
+            other (compute-dtype) weights of a block; the LoRA weights stay in their own dtype.
         init: How the LoRA factors start. ``default``: ``B = 0`` (training starts from the quantized base). ``loftq``
             (Li et al., 2023, https://arxiv.org/abs/2310.08659): from the rank-``r`` SVD of each weight's quantization
             error ``W - dequant(quant(W))``, so training starts closer to the full-precision model. The saved adapter
@@ -53,6 +56,7 @@ class QLoRA(FineTuneModule):
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
         compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
         init: Literal["default", "loftq"] = "default",
         **kwargs,
     ) -> None:
@@ -61,6 +65,7 @@ class QLoRA(FineTuneModule):
         self.quant_type = quant_type
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
         self.init = init
         self.peft_config()
 
@@ -71,11 +76,16 @@ class QLoRA(FineTuneModule):
         """The ``BitsAndBytesConfig`` the base is loaded with."""
         from transformers import BitsAndBytesConfig
 
+        storage = self.quant_storage
+        if storage == "auto":
+            sharded = type(getattr(self._trainer, "strategy", None)).__name__ == "FSDPStrategy"
+            storage = self.compute_dtype if sharded else "uint8"
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
             bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
+            bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else DTYPES[storage],
         )
 
     def load_base_model(self) -> torch.nn.Module:
