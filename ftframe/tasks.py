@@ -256,9 +256,7 @@ class SequenceClassification(Task):
             raise UserError(f"the task's labels {self.labels} differ from the data's {list(names)}; leave "
                             "model.task.init_args.labels unset (the CLI links it from the data) or set data.labels "
                             "to the same list")
-        if self.labels is None:
-            raise UserError("SequenceClassification has no label names: use ClassificationDataModule (the CLI links "
-                            "its label_names to the task), or pass labels=[...]")
+        self._require_labels()
         if self.class_weights == "balanced":
             if datamodule is None or not hasattr(datamodule, "class_weights"):
                 raise UserError("class_weights: balanced needs a ClassificationDataModule to count the training labels")
@@ -271,7 +269,7 @@ class SequenceClassification(Task):
 
     def _require_labels(self) -> list[str]:
         if self.labels is None:
-            raise UserError("SequenceClassification has no label names yet: use ClassificationDataModule (the CLI links "
+            raise UserError("SequenceClassification has no label names: use ClassificationDataModule (the CLI links "
                             "its label_names to the task), or pass labels=[...]")
         return self.labels
 
