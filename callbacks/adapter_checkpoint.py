@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import METADATA_FILE, log_dir, metadata, refuse_sharded, replace_dir, write_trained
+from ftframe.artifacts import METADATA_FILE, gather_trained, log_dir, metadata, replace_dir, write_trained
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -118,7 +118,6 @@ class AdapterCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        refuse_sharded(trainer, "AdapterCheckpoint")
         if self.dirpath is None:
             self.dirpath = log_dir(trainer) / "checkpoints"
         if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():
@@ -222,8 +221,10 @@ class AdapterCheckpoint(Checkpoint):
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("ftframe_checkpoint_mkdir")
         trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)  # collective: the strategy gathers what it shards; rank 0 writes
+        weights = gather_trained(trainer, pl_module)  # collective: whole tensors on rank 0 under FSDP / ZeRO-3
         if trainer.is_global_zero:
-            write_trained(trainer, pl_module, tmp, run_dir, resume=RESUME_FILE, monitor=self.monitor, score=score)
+            write_trained(trainer, pl_module, tmp, run_dir, weights, resume=RESUME_FILE, monitor=self.monitor,
+                          score=score)
             replace_dir(tmp, final)
             _point_link(self._dir() / LAST_LINK, name)
         self._prune(trainer)

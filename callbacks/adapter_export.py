@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ftframe.artifacts import log_dir, refuse_sharded, replace_dir, write_trained
+from ftframe.artifacts import gather_trained, log_dir, replace_dir, write_trained
 
 __all__ = ["AdapterExport"]
 
@@ -41,10 +41,6 @@ class AdapterExport(Callback):
         self.save_on_validate = save_on_validate
         self.last_path: Path | None = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if (stage == "fit" and self.save_on_fit_end) or (stage == "validate" and self.save_on_validate):
-            refuse_sharded(trainer, "AdapterExport (turn it off with --adapter.save_on_fit_end false)")
-
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_fit_end:
             self.export(trainer, pl_module)
@@ -60,10 +56,11 @@ class AdapterExport(Callback):
         """Write the folder now (rank 0 writes; all ranks return the path)."""
         out = Path(dirpath) if dirpath else self.resolve_dir(trainer)
         run_dir = log_dir(trainer)  # collective under DDP: every rank, before the rank-0 block
+        weights = gather_trained(trainer, pl_module)  # collective: whole tensors on rank 0 under FSDP / ZeRO-3
         if trainer.is_global_zero:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            write_trained(trainer, pl_module, tmp, run_dir)
+            write_trained(trainer, pl_module, tmp, run_dir, weights)
             replace_dir(tmp, out)
             rank_zero_info(f"[ftframe] adapter written to {out}")
         trainer.strategy.barrier("ftframe_adapter_export")

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import log_dir, refuse_sharded
+from ftframe.artifacts import log_dir
+from ftframe.distributed import RootForward, shards_parameters
 from ftframe.errors import UserError
 
 __all__ = ["ForgettingMonitor"]
@@ -153,10 +154,6 @@ class ForgettingMonitor(Callback):
         return self._generate_state_key(reference=self.reference, probe=self.probe, task_metric=self.task_metric)
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            refuse_sharded(trainer, "ForgettingMonitor")  # it runs the bare model, outside the sharding wrapper
-
     def _prepare(self, pl_module: LightningModule) -> None:
         """Tokenize the reference windows and load the probe questions (once per process)."""
         tokenizer = getattr(pl_module, "tokenizer", None)
@@ -192,10 +189,20 @@ class ForgettingMonitor(Callback):
             windows = [every[round(i * (len(every) - 1) / max(n - 1, 1))] for i in range(min(n, len(every)))]
         return windows
 
-    def _choose_kl(self, pl_module: LightningModule) -> str:
+    def _choose_kl(self, trainer: Trainer, pl_module: LightningModule) -> str:
         if self.kl == "off" or self.reference is None:
             return "off"
         switch = pl_module.disable_adapters() if hasattr(pl_module, "disable_adapters") else None
+        if shards_parameters(trainer) and (self.kl == "initial_weights" or (self.kl == "auto" and switch is None)):
+            # a snapshot swapped into parameters that are views of shards would not reach the gathered weights
+            if self.kl == "initial_weights":
+                raise UserError(f"ForgettingMonitor kl: initial_weights cannot run under "
+                                f"{type(trainer.strategy).__name__}, which shards the weights it would swap; use "
+                                "kl: adapters_off with an adapter method, kl: off, or configs/strategy/ddp.yaml")
+            rank_zero_info(f"[ftframe] forgetting: no KL for {type(pl_module).__name__} under "
+                           f"{type(trainer.strategy).__name__} (it has no adapter switch; a weight snapshot cannot be "
+                           "swapped into shards)")
+            return "off"
         if self.kl == "adapters_off":
             if switch is None:
                 raise UserError(f"ForgettingMonitor kl: adapters_off, but {type(pl_module).__name__} has no adapter "
@@ -216,7 +223,7 @@ class ForgettingMonitor(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._prepare(pl_module)
-        self._kl_mode = self._choose_kl(pl_module)
+        self._kl_mode = self._choose_kl(trainer, pl_module)
         if self._kl_mode == "initial_weights" and self.initial_weights is None:
             self.initial_weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.baseline is None:
@@ -260,6 +267,12 @@ class ForgettingMonitor(Callback):
         assert model is not None
         tokenizer = pl_module.tokenizer
         rank, world = trainer.global_rank, trainer.world_size
+        run = model
+        if shards_parameters(trainer):
+            # FSDP / ZeRO-3: forward passes go through the wrapped root (it gathers the root unit's weights) and
+            # gather weights collectively, so every rank scores everything -- the same passes, the same result
+            run = RootForward(trainer.strategy.model, model)
+            rank, world = 0, 1
         start = time.perf_counter()
         rank_zero_info(f"[ftframe] forgetting ({when}): scoring {len(self._windows)} reference windows"
                        + (" twice (tuned and base)" if self._kl_mode != "off" else "")
@@ -279,11 +292,11 @@ class ForgettingMonitor(Callback):
                     chunk = mine[i : i + self.batch_size]
                     ids, mask = pad_windows(chunk, pad)
                     ids, mask = ids.to(device), mask.to(device)
-                    logits = model(input_ids=ids, attention_mask=mask).logits[:, virtual:]  # (B, T, V)
+                    logits = run(input_ids=ids, attention_mask=mask).logits[:, virtual:]  # (B, T, V)
                     base = None
                     if self._kl_mode != "off":
                         with self._base(pl_module):
-                            base = model(input_ids=ids, attention_mask=mask).logits
+                            base = run(input_ids=ids, attention_mask=mask).logits
                     for r, (w, scored) in enumerate(chunk):
                         span = slice(len(w) - scored - 1, len(w) - 1)  # positions predicting the scored tokens
                         lp = F.log_softmax(logits[r, span].float(), dim=-1)  # (scored, V)
@@ -299,7 +312,7 @@ class ForgettingMonitor(Callback):
 
             mine_q = self._questions[rank::world]
             if mine_q:
-                result = score_multiple_choice(model, tokenizer, mine_q, prompt_format=self.probe_format,
+                result = score_multiple_choice(run, tokenizer, mine_q, prompt_format=self.probe_format,
                                                batch_size=max(self.batch_size, 4), overflow="truncate",
                                                progress=False)
                 key = "correct_norm" if self.probe_format == "continuation" else "correct"

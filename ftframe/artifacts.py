@@ -18,9 +18,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
-from ftframe.errors import UserError
-
-__all__ = ["METADATA_FILE", "log_dir", "metadata", "refuse_sharded", "replace_dir", "write_trained"]
+__all__ = ["METADATA_FILE", "gather_trained", "log_dir", "metadata", "replace_dir", "write_trained"]
 
 METADATA_FILE = "ftframe.json"
 
@@ -42,31 +40,34 @@ def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict
     }
 
 
-#: strategies that shard parameters across processes: a rank does not hold whole trainable tensors
-SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def refuse_sharded(trainer: Trainer, who: str) -> None:
-    """Fail at start-up under a parameter-sharding strategy, which the trained-folder writers do not gather yet."""
-    name = type(trainer.strategy).__name__
-    if name in SHARDING_STRATEGIES:
-        raise UserError(f"{who} cannot run under {name} yet: the trainable weights would have to be gathered from "
-                        "the shards first, which ftframe does not do yet. Use strategy: ddp (every process holds the "
-                        "whole model; adapters are small), or a single device")
-
-
 def log_dir(trainer: Trainer) -> Path:
     """The run's log folder. Collective under DDP (``trainer.log_dir`` broadcasts): call it on every rank."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def write_trained(trainer: Trainer, pl_module: LightningModule, folder: Path, run_dir: Path, **extra: Any) -> None:
+def gather_trained(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+    """The weights :meth:`FineTuneModule.save_trained` writes, gathered onto rank 0 when the strategy shards them.
+
+    Collective: call on every rank, before :func:`write_trained`. ``None`` when every rank holds whole weights.
+    """
+    from ftframe.distributed import gather_weights
+
+    trained_only = getattr(pl_module, "saves_trained_weights_only", lambda: True)()
+    return gather_weights(trainer, pl_module, trainable_only=trained_only)
+
+
+def write_trained(trainer: Trainer, pl_module: LightningModule, folder: Path, run_dir: Path,
+                  weights: dict[str, Any] | None = None, **extra: Any) -> None:
     """Write the trained weights, tokenizer, run config and ``ftframe.json`` into ``folder``.
 
-    Call on rank 0 only, with ``run_dir`` = :func:`log_dir` computed on every rank beforehand.
+    Call on rank 0 only, with ``run_dir`` = :func:`log_dir` and ``weights`` = :func:`gather_trained` computed on
+    every rank beforehand.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    pl_module.save_trained(folder)  # type: ignore[operator]
+    if weights is None:
+        pl_module.save_trained(folder)  # type: ignore[operator]
+    else:
+        pl_module.save_trained(folder, state_dict=weights)  # type: ignore[operator]
     tokenizer = getattr(pl_module, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

@@ -10,6 +10,10 @@ reports read; "FAIL" when one failed; "not run" otherwise (no such test, skipped
   weights, saved artifact reproduces the logits, checkpoints hold trainable weights only) -- every one must pass;
 * DDP, 2 CPU processes, 32-true / bf16-mixed: ``tests/test_distributed.py`` (loss and weights equal one process with
   the same global batch; the adapter saved under DDP reloads in one process with the same logits);
+* FSDP, 2 CPU processes over gloo, 32-true / bf16-mixed: ``tests/test_distributed.py``'s ``test_fsdp_*`` (Lightning's
+  FSDPStrategy with ftframe's wrapping policy, told to use the CPU: losses and gathered weights equal one process
+  with the same global batch; the adapter AdapterExport gathers from the shards has the single process's files and
+  tensor names and reloads with its logits);
 * GPU cells: tests marked ``gpu`` whose ids name the method, strategy and precision (``[LoRA-fsdp-bf16-mixed]``).
 """
 
@@ -29,9 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["FullFineTune", "LastLayers", "LoRA", "DoRA", "QLoRA", "LoftQ", "IA3", "PromptTuning", "PTuning",
            "PrefixTuning", "BottleneckAdapters"]
 #: (strategy, precision) columns; GPU ones stay "not run" until a GPU run's report is given
+FSDP_CPU = "fsdp, 2 CPU processes (gloo)"
 COLUMNS = [("single device (CPU)", "32-true"), ("ddp, 2 CPU processes", "32-true"),
-           ("ddp, 2 CPU processes", "bf16-mixed"), ("fsdp (GPU)", "bf16-mixed"), ("deepspeed zero2 (GPU)", "bf16-mixed"),
-           ("deepspeed zero3 (GPU)", "bf16-mixed")]
+           ("ddp, 2 CPU processes", "bf16-mixed"), (FSDP_CPU, "32-true"), (FSDP_CPU, "bf16-mixed"),
+           ("fsdp (GPU)", "bf16-mixed"), ("deepspeed zero2 (GPU)", "bf16-mixed"), ("deepspeed zero3 (GPU)", "bf16-mixed")]
+GPU_COLUMNS = [c for c in COLUMNS if "(GPU)" in c[0]]
 TESTS = ["tests/test_methods_contract.py", "tests/test_distributed.py"]
 
 
@@ -46,9 +52,9 @@ def cell_of(classname: str, name: str) -> tuple[str, tuple[str, str]] | None:
     if classname.endswith("test_distributed") and len(parts) >= 2:
         method, precision = parts[0], "-".join(parts[1:])
         if method in METHODS and precision in ("32-true", "bf16-mixed"):
-            return method, ("ddp, 2 CPU processes", precision)
+            return method, (FSDP_CPU if name.startswith("test_fsdp") else "ddp, 2 CPU processes", precision)
     if "gpu" in classname or "gpu" in name:
-        for column in COLUMNS[3:]:
+        for column in GPU_COLUMNS:
             key = column[0].split(" (")[0].replace(" ", "_")
             if parts[0] in METHODS and key in match.group(1) and column[1] in match.group(1):
                 return parts[0], column
@@ -89,7 +95,11 @@ def render(cells: dict[tuple[str, tuple[str, str]], str], hardware: str) -> str:
               "parameters train, two steps change only them, the saved artifact reproduces the logits, checkpoints "
               "hold trainable weights only); DDP -- `tests/test_distributed.py` (2 processes x 2 examples give the "
               "losses and weights of 1 process x 4 within float tolerance, and the adapter saved under DDP reloads "
-              "in one process with the same logits). LoftQ is QLoRA with `init: loftq`.", ""]
+              "in one process with the same logits); FSDP on CPU processes -- `tests/test_distributed.py`'s `test_fsdp_*` "
+              "(Lightning's FSDPStrategy over gloo, told that the CPU is its device because Lightning refuses FSDP "
+              "without a GPU: the losses and the weights gathered from the shards equal one process with the same "
+              "global batch, and the adapter AdapterExport gathers reloads with its logits). The GPU columns need a "
+              "GPU run's report (`--junit`). LoftQ is QLoRA with `init: loftq`.", ""]
     return "\n".join(lines)
 
 

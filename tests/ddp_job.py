@@ -1,11 +1,13 @@
 """A training job for tests/test_distributed.py, run as a script so Lightning's DDP launcher can start its ranks.
 
-    python tests/ddp_job.py OUT MODEL DATA DEVICES BATCH STEPS PRECISION METHOD [METHOD ...]
+    python tests/ddp_job.py OUT MODEL DATA STRATEGY DEVICES BATCH STEPS PRECISION METHOD [METHOD ...]
 
 For each method (a key of ``tests.test_methods_contract.METHODS``) it trains ``STEPS`` steps on the CPU with
-``DEVICES`` processes of ``BATCH`` examples each, in Lightning precision ``PRECISION``, and writes, from rank 0, ``OUT/<method>/``: ``losses.json`` (the
-loss of every step, averaged over the ranks), ``trained.safetensors`` (the trainable weights), ``logits.pt`` (the
-trained model's logits on a fixed padded batch) and ``artifact/`` (what ``save_trained`` writes).
+``DEVICES`` processes of ``BATCH`` examples each, in Lightning precision ``PRECISION``, under ``STRATEGY`` (``ddp``, or
+``fsdp``: Lightning's FSDPStrategy on the CPU through :class:`CPUFSDPStrategy`), and writes, from rank 0,
+``OUT/<method>/``: ``losses.json`` (the loss of every step, averaged over the ranks), ``trained.safetensors`` (the
+trainable weights), ``logits.pt`` (the trained model's logits on a fixed padded batch; not under FSDP, whose shards
+only the wrapped root can run) and ``artifact/`` (the folder AdapterExport writes, gathered from the shards under FSDP).
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ftframe.callbacks import AdapterExport  # noqa: E402
 from ftframe.data import InstructionDataModule  # noqa: E402
+from ftframe.distributed import PROMPT_EMBEDDINGS, fsdp_auto_wrap_policy, gather_weights  # noqa: E402
 from ftframe.packing import unpack  # noqa: E402
 from tests.helpers import tiny_trainer  # noqa: E402
 from tests.test_methods_contract import METHODS  # noqa: E402
@@ -41,8 +48,64 @@ class StepLosses(Callback):
         self.losses.append(float(loss))
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, run on CPU processes over gloo: only the device FSDP is told to use differs.
+
+    Lightning refuses FSDP without a GPU (for the string ``fsdp`` and the exact class, not subclasses), and torch's
+    FSDP needs ``device_id=cpu`` to accept CPU parameters, which Lightning passes as ``None`` on the CPU. Everything
+    else -- wrapping, flat parameters, sharded optimizer state, state dicts -- is the code a GPU run uses, except that
+    full state dicts are not offloaded to the CPU (pinned memory needs CUDA). Tests only.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import torch.distributed.fsdp as fsdp
+
+        original = fsdp.FullyShardedDataParallel
+
+        class OnCPU(original):  # type: ignore[misc, valid-type]
+            def __init__(self, *args, device_id=None, **kwargs) -> None:
+                super().__init__(*args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+        fsdp.FullyShardedDataParallel = OnCPU
+        try:
+            return super()._setup_model(model)
+        finally:
+            fsdp.FullyShardedDataParallel = original
+
+
+def _full_state_dict_context_on_cpu(module: torch.nn.Module, world_size: int, rank0_only: bool = True):
+    """Lightning's full-state-dict context without ``offload_to_cpu``: offloading pins memory, which crashes without
+    CUDA (the tensors are on the CPU already)."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(module=module, state_dict_type=StateDictType.FULL_STATE_DICT,
+                                state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                                optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False,
+                                                                                 rank0_only=rank0_only))
+
+
+lightning_fsdp._get_full_state_dict_context = _full_state_dict_context_on_cpu
+
+
+class CPUFSDPPrecision(FSDPPrecision):
+    """Lightning's FSDP precision plugin with the CPU's autocast where a GPU run has CUDA's (mixed precisions)."""
+
+    def forward_context(self):
+        if "mixed" in self.precision:
+            return torch.autocast("cpu", dtype=torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16)
+        return super().forward_context()
+
+
+def make_strategy(name: str, devices: int, precision: str):
+    if name == "fsdp":
+        return CPUFSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy, process_group_backend="gloo",
+                               state_dict_type="full", precision_plugin=CPUFSDPPrecision(precision))
+    return "ddp" if devices > 1 else "auto"
+
+
 def main() -> None:
-    out, model, data, devices, batch, steps, precision, *names = sys.argv[1:]
+    out, model, data, strategy, devices, batch, steps, precision, *names = sys.argv[1:]
     for name in names:
         seed_everything(0)
         cls, kwargs, _, _ = METHODS[name]
@@ -51,10 +114,19 @@ def main() -> None:
                                    cache_dir=str(Path(out) / "cache"))
         recorder = StepLosses()
         trainer = tiny_trainer(Path(out) / name, max_steps=int(steps), devices=int(devices),
-                               strategy="ddp" if int(devices) > 1 else "auto", callbacks=[recorder],
-                               precision=precision)
+                               strategy=make_strategy(strategy, int(devices), precision), callbacks=[recorder],
+                               precision=None if strategy == "fsdp" else precision)
         trainer.fit(module, datamodule=dm)
-        if trainer.is_global_zero:
+        if strategy == "fsdp":  # every rank takes part in gathering the shards
+            weights = gather_weights(trainer, module, trainable_only=True)
+            if trainer.is_global_zero:
+                folder = Path(out) / name
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "losses.json").write_text(json.dumps(recorder.losses))
+                save_file({k: v.clone() for k, v in weights.items() if k != PROMPT_EMBEDDINGS},
+                          str(folder / "trained.safetensors"))
+            AdapterExport(dirpath=str(Path(out) / name / "artifact")).export(trainer, module)
+        elif trainer.is_global_zero:
             folder = Path(out) / name
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "losses.json").write_text(json.dumps(recorder.losses))

@@ -267,19 +267,6 @@ def test_cli_resumes_from_ckpt_path_last(tiny_model, tiny_data, tmp_path, caplog
     assert json.loads((tmp_path / "adapter" / "ftframe.json").read_text())["global_step"] == 6
 
 
-@pytest.mark.parametrize("callback", [AdapterCheckpoint(every_n_train_steps=1), ForgettingMonitor()],
-                         ids=["AdapterCheckpoint", "ForgettingMonitor"])
-def test_sharding_strategies_are_refused_at_start_up(callback):
-    from types import SimpleNamespace
-
-    class FSDPStrategy:  # the real one refuses the CPU; only its name matters here
-        pass
-
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(UserError, match="cannot run under FSDPStrategy yet.*Use strategy: ddp"):
-        callback.setup(trainer, None, "fit")
-
-
 def test_checkpoint_options_are_checked():
     with pytest.raises(UserError, match="save_top_k must be >= -1"):
         AdapterCheckpoint(save_top_k=-2)

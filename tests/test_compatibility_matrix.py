@@ -19,6 +19,10 @@ REPORT = """<testsuites><testsuite>
 <testcase classname="tests.test_distributed" name="test_two_processes_train_like_one[DoRA-bf16-mixed]"/>
 <testcase classname="tests.test_distributed" name="test_two_processes_train_like_one[DoRA-32-true]"><skipped/></testcase>
 <testcase classname="tests.test_distributed" name="test_rank_shards_split_the_seeded_order"/>
+<testcase classname="tests.test_distributed" name="test_fsdp_two_processes_train_like_one[QLoRA-bf16-mixed]"/>
+<testcase classname="tests.test_distributed" name="test_fsdp_adapter_reloads[QLoRA-bf16-mixed]"><failure/></testcase>
+<testcase classname="tests.test_distributed" name="test_fsdp_adapter_reloads[LoRA-32-true]"/>
+<testcase classname="tests.test_gpu" name="test_fsdp_gpu[LoRA-fsdp-bf16-mixed]"/>
 </testsuite></testsuites>"""
 
 
@@ -30,9 +34,11 @@ def test_cells_are_pass_only_from_tests_that_ran_and_passed(tmp_path):
     assert cells[("LoRA", single)] == "pass"
     assert cells[("IA3", single)] == "FAIL"  # one failing test of the cell fails it, whatever passed
     assert cells[("DoRA", ddp16)] == "pass" and cells[("DoRA", ddp32)] == "not run"
-    assert ("LoRA", ddp32) not in cells and len(cells) == 4
+    fsdp32, fsdp16, fsdp_gpu = (matrix.FSDP_CPU, "32-true"), (matrix.FSDP_CPU, "bf16-mixed"), matrix.GPU_COLUMNS[0]
+    assert cells[("QLoRA", fsdp16)] == "FAIL" and cells[("LoRA", fsdp32)] == "pass"  # FSDP tests go to FSDP cells
+    assert cells[("LoRA", fsdp_gpu)] == "pass" and ("LoRA", ddp32) not in cells and len(cells) == 7
     page = matrix.render(cells, "test hardware")
     assert "| LoRA | **pass** | *not run* |" in page and "| IA3 | **FAIL** |" in page
     rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert len(rows) == len(matrix.METHODS) and sum(r.count("**pass**") for r in rows) == 2
+    assert len(rows) == len(matrix.METHODS) and sum(r.count("**pass**") for r in rows) == 4
     assert "test hardware" in page

@@ -1,7 +1,11 @@
-"""DDP on the CPU for every method: 2 processes x 2 examples train like 1 process x 4, and their adapters reload.
+"""DDP and FSDP on the CPU for every method: 2 processes x 2 examples train like 1 process x 4; adapters reload.
 
 The data has completions of equal token length, so each rank's mean loss weighs its examples as the single process
-does; DDP's averaged gradient is then the single process's gradient, and the two runs agree up to float rounding.
+does; the averaged gradient is then the single process's gradient, and the runs agree up to float rounding.
+
+FSDP runs Lightning's FSDPStrategy over gloo (``tests/ddp_job.py``'s ``CPUFSDPStrategy``: Lightning refuses FSDP on
+CPUs, torch's FSDP needs to be told the CPU is its device); its adapters are gathered from the shards by
+``AdapterExport`` and must reload in one process with the single-process run's logits.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ PRECISIONS = ["32-true", "bf16-mixed"]
 #: how close 2 x 2 examples stay to 1 x 4 after 4 steps: float32 sums in another order; bf16 autocast rounds them
 LOSS_TOLERANCE = {"32-true": 1e-4, "bf16-mixed": 2e-2}
 WEIGHT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 5e-2}
+#: under FSDP + bf16-mixed the 4-bit base is quantized from bfloat16 weights (the dtype FSDP computes in; the reload
+#: and the single process quantize float32 ones): LoftQ starts from that other quantization error, and QLoRA's logits
+#: carry it (in 32-true both quantize float32 weights and the strict tolerances hold)
+FSDP_WEIGHT_TOLERANCE = {("LoftQ", "bf16-mixed"): 0.2}
+FSDP_QUANTIZED_FROM_BF16_LOGIT_TOLERANCE = 0.5
+#: an adapter trained under FSDP vs the single process's model: the weight differences above, through the network
+FSDP_LOGIT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-1}
 
 pytestmark = pytest.mark.distributed
 
@@ -47,10 +58,10 @@ def even_data(tmp_path_factory) -> str:
 def runs(tiny_model, even_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     for precision in PRECISIONS:
-        for devices, batch in ((2, 2), (1, 4)):
-            proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_job.py"),
-                                   str(out / precision / f"devices{devices}"), tiny_model, even_data, str(devices),
-                                   str(batch), str(STEPS), precision, *NAMES],
+        for strategy, devices, batch in (("ddp", 2, 2), ("ddp", 1, 4), ("fsdp", 2, 2)):
+            folder = out / precision / (f"devices{devices}" if strategy == "ddp" else strategy)
+            proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_job.py"), str(folder), tiny_model,
+                                   even_data, strategy, str(devices), str(batch), str(STEPS), precision, *NAMES],
                                   cwd=ROOT, capture_output=True, text=True, timeout=1200)
             assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -84,6 +95,81 @@ def test_an_adapter_saved_under_ddp_loads_in_one_process_with_the_same_logits(na
     assert torch.allclose(logits.float(), saved["logits"].float(), atol=atol), (logits - saved["logits"]).abs().max()
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp_two_processes_train_like_one_with_the_same_global_batch(name, precision, runs):
+    fsdp = json.loads((runs / precision / "fsdp" / name / "losses.json").read_text())
+    single = json.loads((runs / precision / "devices1" / name / "losses.json").read_text())
+    assert len(fsdp) == STEPS and fsdp[-1] != fsdp[0]
+    assert fsdp == pytest.approx(single, rel=LOSS_TOLERANCE[precision], abs=1e-5)
+    a = load_file(str(runs / precision / "fsdp" / name / "trained.safetensors"))  # gathered from the shards
+    b = load_file(str(runs / precision / "devices1" / name / "trained.safetensors"))
+    assert a and a.keys() <= b.keys() and all(a[k].shape == b[k].shape for k in a)
+    for tied in b.keys() - a.keys():  # gathered once under its first name, as a single process saves it
+        assert any(torch.equal(b[tied], b[k]) for k in a), tied
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    tolerance = FSDP_WEIGHT_TOLERANCE.get((name, precision), WEIGHT_TOLERANCE[precision])
+    assert worst < tolerance, f"trained weights differ by up to {worst}"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp_adapter_gathered_from_shards_reloads_with_the_single_process_logits(name, precision, runs, tiny_model):
+    _, _, _, reload = METHODS[name]
+    model = reload(str(runs / precision / "fsdp" / name / "artifact"), tiny_model).eval()
+    saved = torch.load(runs / precision / "devices1" / name / "logits.pt", weights_only=True)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
+        logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+    files = {f.name: set(load_file(str(f))) for f in (runs / precision / "fsdp" / name / "artifact").glob("*.safetensors")}
+    single = {f.name: set(load_file(str(f)))
+              for f in (runs / precision / "devices1" / name / "artifact").glob("*.safetensors")}
+    assert files == single and files  # the same files with the same tensor names as a single process writes
+    worst = float((logits.float() - saved["logits"].float()).abs().max())
+    tolerance = FSDP_LOGIT_TOLERANCE[precision]
+    if name in ("QLoRA", "LoftQ") and precision == "bf16-mixed":
+        tolerance = FSDP_QUANTIZED_FROM_BF16_LOGIT_TOLERANCE
+    assert worst < tolerance, worst
+
+
+def test_fsdp_checkpoints_resume_and_forgetting_is_measured_on_every_rank(tiny_model, even_data, tmp_path):
+    """LoRA under FSDP with AdapterCheckpoint, ForgettingMonitor and AdapterExport: the forgetting measurements equal
+    a single process's with the same global batch; resuming the step-2 checkpoint ends where the run without the
+    interruption ended."""
+    reference = tmp_path / "reference.txt"
+    reference.write_text(" ".join(f"{WORDS[i % 10]} plus {WORDS[(i * 3) % 10]}." for i in range(200)), encoding="utf-8")
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"question": f"What is {WORDS[a]} plus {WORDS[b]}?", "label": 0,
+                                         "choices": [WORDS[(a + b) % 10], WORDS[(a + b + 1) % 10]]}) + "\n"
+                             for a in range(3) for b in range(2)), encoding="utf-8")
+
+    def run(out, strategy, devices, batch, *resume):
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_callbacks_job.py"), str(tmp_path / out),
+                               tiny_model, even_data, str(reference), str(probe), strategy, str(devices), str(batch),
+                               "4", *resume], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads((tmp_path / out / "forgetting" / "forgetting.json").read_text())["history"]
+
+    single, fsdp = run("single", "single", 1, 4), run("fsdp", "fsdp", 2, 2)
+    checkpoints = tmp_path / "fsdp" / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {"step=000002", "step=000004", "last"}
+    resumed = run("resumed", "fsdp", 2, 2, str(checkpoints / "step=000002"))
+    assert [h["step"] for h in fsdp] == [h["step"] for h in single] == [0, 4]
+    for mine, theirs in zip(fsdp, single, strict=True):  # every rank scored everything through the wrapped root
+        assert mine["ref_nll"] == pytest.approx(theirs["ref_nll"], rel=1e-5)
+        assert mine["kl"] == pytest.approx(theirs["kl"], rel=1e-3, abs=1e-7)
+        assert mine["probe_acc"] == theirs["probe_acc"]
+    assert fsdp[-1]["kl"] > 0
+    assert resumed[-1]["ref_nll"] == pytest.approx(fsdp[-1]["ref_nll"], rel=1e-6)
+    final = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    alone = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == again.keys() == alone.keys()
+    assert max(float((final[k] - again[k]).abs().max()) for k in final) < 1e-6
+    assert max(float((final[k] - alone[k]).abs().max()) for k in final) < 1e-3
+    ckpt = torch.load(checkpoints / "step=000002" / "resume.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # trainable weights only
+
+
 def test_rank_shards_split_the_seeded_order_without_reshuffling_it():
     from ftframe.data.collate import RankShard, ResumableSampler
 
@@ -102,7 +188,7 @@ def test_rank_shards_split_the_seeded_order_without_reshuffling_it():
     assert len(resumed) == 4 and list(resumed) == (order[4:] + order[4:5])[1::2]
 
 
-def test_qlora_stores_4bit_weights_in_the_compute_dtype_under_fsdp(tiny_model):
+def test_qlora_stores_4bit_weights_in_the_dtype_fsdp_computes_in(tiny_model):
     from types import SimpleNamespace
 
     from ftframe.methods import QLoRA
@@ -112,8 +198,10 @@ def test_qlora_stores_4bit_weights_in_the_compute_dtype_under_fsdp(tiny_model):
 
     module = QLoRA(model_name=tiny_model, compute_dtype="bfloat16")
     assert module.quantization_config().bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    config = module.quantization_config()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="bf16-mixed")
+    config = module.quantization_config()  # what FSDP casts the flat weights to under bf16-mixed
     assert config.bnb_4bit_quant_storage == torch.bfloat16 and config.bnb_4bit_compute_dtype == torch.bfloat16
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
+    assert module.quantization_config().bnb_4bit_quant_storage == torch.float32
     assert QLoRA(model_name=tiny_model, quant_storage="float16").quantization_config().bnb_4bit_quant_storage \
         == torch.float16

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, final
 
@@ -19,6 +19,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from ftframe.distributed import (
+    PROMPT_EMBEDDINGS,
+    clean_name,
+    mark_tied_parameters,
+    shards_parameters,
+    trainable_names,
+)
 from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations, own_mapped_weights
 from ftframe.errors import UserError
 from ftframe.models import DTypeName, load_model, load_tokenizer, resolve_model
@@ -167,10 +174,22 @@ class FineTuneModule(LightningModule):
             cfg.base_model_name_or_path = self.model_name
         return peft_model
 
-    def save_trained(self, directory: str | Path) -> None:
-        """Write what training produced: a ``peft`` adapter folder, or the whole model if no peft config is used."""
+    def save_trained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write what training produced: a ``peft`` adapter folder, or the whole model if no peft config is used.
+
+        ``state_dict``: the weights to write, keyed as in ``self.state_dict()``, when the module's own parameters are
+        shards (FSDP, ZeRO-3: gathered by :func:`ftframe.artifacts.gather_trained`); ``None`` reads the module.
+        """
         assert self.model is not None, "configure_model() has not run"
-        self._save(self.model, str(directory))
+        self._save(self.model, str(directory), **_weights_kwargs(state_dict))
+
+    def saves_trained_weights_only(self) -> bool:
+        """Whether :meth:`save_trained` writes trained weights only (an adapter) rather than the whole model.
+
+        Under a sharding strategy this decides what is gathered onto rank 0 for saving: the trainable weights, or
+        every weight. Default: only a ``peft`` model's artifact is an adapter.
+        """
+        return hasattr(self.model, "peft_config")
 
     def disable_adapters(self) -> AbstractContextManager[Any] | None:
         """A context in which :attr:`model` computes the untuned base model's outputs, with no second copy in memory.
@@ -185,12 +204,30 @@ class FineTuneModule(LightningModule):
 
     def _save(self, model: torch.nn.Module, directory: str, **kwargs: Any) -> None:
         """``model.save_pretrained`` in safetensors, with the hub switched off when the base is local."""
-        if resolve_model(self.model_name) != self.model_name:
-            # a local base (asset, folder, gguf): stop peft from looking its name up on the hub while saving
-            with _env(HF_HUB_OFFLINE="1"):
+        prompt = kwargs.get("state_dict", {}).pop(PROMPT_EMBEDDINGS, None)
+        gathered = "state_dict" in kwargs and hasattr(model, "peft_config")
+        if gathered:
+            # peft picks an adapter's entries by the module names it walks, which under FSDP hold the wrappers'
+            # parts: name the gathered tensors that way, and take the parts out of the written file again
+            # (a module wrapped alone -- "lora_A.default._fsdp_wrapped_module.weight" -- keeps its own part clean:
+            # peft takes the adapter name out of the last two parts of a key)
+            wrapped = {clean_name(n): _unwrap_leaf(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+            kwargs["state_dict"] = {wrapped.get(k, k): v for k, v in kwargs["state_dict"].items()}
+        with _env(HF_HUB_OFFLINE="1") if resolve_model(self.model_name) != self.model_name else nullcontext():
+            # (a local base -- asset, folder, gguf: peft must not look its name up on the hub while saving)
+            if prompt is None:
                 model.save_pretrained(directory, safe_serialization=True, **kwargs)
-        else:
-            model.save_pretrained(directory, safe_serialization=True, **kwargs)
+                if gathered:
+                    _clean_saved_names(Path(directory))
+                return
+            # prompt learning under sharding: peft would run the prompt encoder here, on rank 0 alone, where the
+            # encoder's weights are shards; its output was computed by every rank beforehand (gather_trained)
+            original = model.get_prompt_embedding_to_save
+            model.get_prompt_embedding_to_save = lambda adapter_name: prompt
+            try:
+                model.save_pretrained(directory, safe_serialization=True, **kwargs)
+            finally:
+                model.get_prompt_embedding_to_save = original
 
     # ------------------------------------------------------------------ plumbing
     @final
@@ -231,6 +268,7 @@ class FineTuneModule(LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
+        mark_tied_parameters(model)  # for FSDP's wrapping policy: shared weights stay in one unit
         self.model = model
         metrics = self.task.metrics()
         if metrics is not None:
@@ -247,6 +285,8 @@ class FineTuneModule(LightningModule):
         if self.frozen_dtype != "auto":
             return getattr(torch, self.frozen_dtype) if self.frozen_dtype != "float32" else None
         trainer = self._trainer
+        if shards_parameters(trainer):
+            return None  # FSDP / ZeRO-3 cast each unit's weights themselves; a flat parameter needs one dtype
         precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
@@ -260,7 +300,7 @@ class FineTuneModule(LightningModule):
     @final
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable parameters, keyed as in ``self.state_dict()``."""
-        names = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
+        names = trainable_names(self)
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -396,9 +436,41 @@ class FineTuneModule(LightningModule):
 
     @final
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # keep trainable weights only: the frozen base is reloaded from model_name on resume
-        names = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
+        # keep trainable weights only: the frozen base is reloaded from model_name on resume. A sharded FSDP
+        # checkpoint is the exception: torch.distributed.checkpoint restores every key of the model, frozen included
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if getattr(strategy, "_state_dict_type", "full") == "sharded":
+            return
+        names = trainable_names(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+
+def _unwrap_leaf(name: str) -> str:
+    """``name`` without a wrapper part right before its last component (the wrapped module's own parameter)."""
+    head, _, leaf = name.rpartition(".")
+    while head and clean_name(head.rpartition(".")[2] + ".") == "":
+        head = head.rpartition(".")[0]
+    return f"{head}.{leaf}" if head else leaf
+
+
+def _clean_saved_names(directory: Path) -> None:
+    """Rewrite ``directory``'s safetensors files with parameter names free of wrapper parts (FSDP's)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in directory.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        if any(clean_name(k) != k for k in tensors):
+            save_file({clean_name(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _weights_kwargs(state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """``save_pretrained``'s ``state_dict`` argument from weights keyed as the LightningModule's (``model.``...)."""
+    if state_dict is None:
+        return {}
+    weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+    if PROMPT_EMBEDDINGS in state_dict:
+        weights[PROMPT_EMBEDDINGS] = state_dict[PROMPT_EMBEDDINGS]
+    return {"state_dict": weights}
 
 
 def _logical_numel(p: torch.Tensor) -> int:

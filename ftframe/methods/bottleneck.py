@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftframe.distributed import trainable_names
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 from ftframe.models import transformer_blocks
@@ -135,14 +136,18 @@ class BottleneckAdapters(FineTuneModule):
             for m in adapters:
                 m.enabled = True
 
-    def save_trained(self, directory: str | Path) -> None:
+    def saves_trained_weights_only(self) -> bool:
+        return True  # the adapters (and a trained head), never the base
+
+    def save_trained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         assert self.model is not None, "configure_model() has not run"
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        # the adapters, plus any other trained weight (a classification head)
-        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-                   if "bottleneck_" in k or k in trained}
+        # the adapters, plus any other trained weight (a classification head); gathered ones under FSDP / ZeRO-3
+        trained = {n.removeprefix("model.") for n in trainable_names(self)}
+        source = ({k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict is not None
+                  else self.model.state_dict())
+        weights = {k: v.detach().cpu().contiguous() for k, v in source.items() if "bottleneck_" in k or k in trained}
         save_file(weights, str(directory / WEIGHTS))
         (directory / CONFIG).write_text(json.dumps({"size": self.size, "after": self.after,
                                                    "base_model_name_or_path": self.model_name}, indent=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from ftframe.distributed import shards_parameters
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 
@@ -91,6 +92,11 @@ class LoRA(FineTuneModule):
 
     def adapt(self, model: Any) -> Any:
         model = super().adapt(model)
+        if self.lora["init"] != "default" and self._trainer is not None and shards_parameters(self._trainer):
+            raise UserError(f"LoRA init {self.lora['init']!r} cannot run under {type(self._trainer.strategy).__name__}: "
+                            "saving converts the factors against the initial ones held by every process, which a "
+                            "sharding strategy splits up. Use init: default with FSDP / DeepSpeed ZeRO-3, or "
+                            "configs/strategy/ddp.yaml or deepspeed_zero2.yaml with this init")
         if self.lora["init"] != "default":
             # keep the initial factors: saving converts the trained adapter into one for the original base weights
             import tempfile
@@ -106,8 +112,8 @@ class LoRA(FineTuneModule):
         # PiSSA / OLoRA move part of each weight into the factors: without the adapter the base is not the original
         return super().disable_adapters() if self.lora["init"] == "default" else None
 
-    def save_trained(self, directory: Any) -> None:
+    def save_trained(self, directory: Any, state_dict: Any = None) -> None:
         if self._initial_adapter is None:
-            return super().save_trained(directory)
-        assert self.model is not None
+            return super().save_trained(directory, state_dict)
+        assert self.model is not None and state_dict is None  # adapt() refuses these inits under sharding
         self._save(self.model, str(directory), path_initial_model_for_weight_conversion=self._initial_adapter.name)

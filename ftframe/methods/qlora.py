@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ftframe.distributed import shards_parameters
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 from ftframe.methods.lora import lora_config
@@ -36,8 +37,10 @@ class QLoRA(FineTuneModule):
         double_quant: Also quantize the quantization constants (saves ~0.4 bit per parameter).
         compute_dtype: dtype the 4-bit weights are dequantized to for matmuls.
         quant_storage: dtype the packed 4-bit weights are stored in. ``auto``: ``uint8`` (bitsandbytes' default), or
-            under FSDP the ``compute_dtype``, so that FSDP can flatten and shard the 4-bit weights together with the
-            other (compute-dtype) weights of a block; the LoRA weights stay in their own dtype.
+            under FSDP the dtype FSDP computes in (``bfloat16`` for ``bf16-*`` precisions, ``float16`` for ``16-*``,
+            ``float32`` for ``32-true``), with the other frozen weights loaded in it too: FSDP flattens a block's
+            weights into one tensor of one dtype and casts it to that dtype before use, which leaves the packed bytes
+            intact only then. The LoRA weights stay in their own dtype (FSDP units of their own).
         init: How the LoRA factors start. ``default``: ``B = 0`` (training starts from the quantized base). ``loftq``
             (Li et al., 2023, https://arxiv.org/abs/2310.08659): from the rank-``r`` SVD of each weight's quantization
             error ``W - dequant(quant(W))``, so training starts closer to the full-precision model. The saved adapter
@@ -78,8 +81,7 @@ class QLoRA(FineTuneModule):
 
         storage = self.quant_storage
         if storage == "auto":
-            sharded = type(getattr(self._trainer, "strategy", None)).__name__ == "FSDPStrategy"
-            storage = self.compute_dtype if sharded else "uint8"
+            storage = self._sharded_dtype() or "uint8"
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=self.quant_type,
@@ -88,19 +90,54 @@ class QLoRA(FineTuneModule):
             bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else DTYPES[storage],
         )
 
+    def _sharded_dtype(self) -> str | None:
+        """Under FSDP: the dtype FSDP computes in, which every frozen weight is stored in; else ``None``.
+
+        FSDP flattens a block's weights into one tensor of one dtype and casts it to the precision's compute dtype
+        before each forward: the packed 4-bit bytes survive that only when they are already stored in that dtype.
+        """
+        if not shards_parameters(self._trainer):
+            return None
+        precision = str(getattr(self._trainer, "precision", ""))
+        if precision.startswith("bf16"):
+            return "bfloat16"
+        if precision.startswith("16"):
+            return "float16"
+        return "float32"
+
     def load_base_model(self) -> torch.nn.Module:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise UserError("QLoRA needs bitsandbytes: pip install 'bitsandbytes>=0.46'") from e
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):
+            raise UserError("QLoRA cannot run under DeepSpeed ZeRO-3 in ftframe: Lightning builds the model inside "
+                            "deepspeed.zero.Init, which partitions weights as they are created, while bitsandbytes "
+                            "quantizes them whole as they load. Shard 4-bit weights with FSDP instead "
+                            "(configs/strategy/fsdp.yaml: the 4-bit weights are stored in the dtype FSDP computes in), or use "
+                            "configs/strategy/deepspeed_zero2.yaml or ddp.yaml, where every GPU holds the 4-bit base")
         from peft import prepare_model_for_kbit_training
 
         quant = self.quantization_config()
         # bitsandbytes quantizes while loading, so weights must land directly on the training device
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        model = load_model(self.model_name, self.task.auto_class(), dtype=self.dtype_name,
+        sharded = self._sharded_dtype()
+        if sharded is not None and self.quant_storage not in ("auto", sharded):
+            raise UserError(f"QLoRA quant_storage {self.quant_storage!r} under {type(self._trainer.strategy).__name__} "
+                            f"with precision {self._trainer.precision}: FSDP casts each block's flat weights to "
+                            f"{sharded} before using them, which would scramble 4-bit weights packed in another dtype. "
+                            f"Use quant_storage: auto (or {sharded})")
+        model = load_model(self.model_name, self.task.auto_class(), dtype=sharded or self.dtype_name,
                            quantization_config=quant, device_map={"": device}, **self.task.model_kwargs())
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        if sharded is None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        else:
+            # not peft's preparation, which upcasts the frozen norms and embeddings to float32: a block's weights
+            # must share the 4-bit storage dtype to be flattened together (FSDP keeps LoRA's in units of their own)
+            model.requires_grad_(False)
+            if self.gradient_checkpointing:
+                model.enable_input_require_grads()
         keep_trainable_layout(model)
         return model
 
@@ -115,8 +152,8 @@ class QLoRA(FineTuneModule):
         # LoftQ factors correct the 4-bit base's error: the model at step 0 is base + factors, not the bare 4-bit base
         return super().disable_adapters() if self.init == "default" else None
 
-    def save_trained(self, directory: Any) -> None:
-        super().save_trained(directory)
+    def save_trained(self, directory: Any, state_dict: Any = None) -> None:
+        super().save_trained(directory, state_dict)
         if self.init == "loftq":
             # the factors correct *this* 4-bit base: record how to rebuild it, for ftframe generate and users
             base = {"quantization_config": self.quantization_config().to_dict(),
