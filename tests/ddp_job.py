@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp._init_utils as fsdp_init_utils
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
@@ -54,7 +55,8 @@ class CPUFSDPStrategy(FSDPStrategy):
     Lightning refuses FSDP without a GPU (for the string ``fsdp`` and the exact class, not subclasses), and torch's
     FSDP needs ``device_id=cpu`` to accept CPU parameters, which Lightning passes as ``None`` on the CPU. Everything
     else -- wrapping, flat parameters, sharded optimizer state, state dicts -- is the code a GPU run uses, except that
-    full state dicts are not offloaded to the CPU (pinned memory needs CUDA). Tests only.
+    full state dicts are not offloaded to the CPU (pinned memory needs CUDA) and FSDP's check that rank 0's weights are
+    broadcast from GPU tensors is skipped (gloo sends CPU tensors). Tests only.
     """
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -86,6 +88,9 @@ def _full_state_dict_context_on_cpu(module: torch.nn.Module, world_size: int, ra
 
 
 lightning_fsdp._get_full_state_dict_context = _full_state_dict_context_on_cpu
+# FSDP refuses to broadcast rank 0's weights (sync_module_states, used when ranks > 0 build on the meta device) from
+# CPU tensors, which NCCL could not send; gloo can
+fsdp_init_utils._check_module_states_for_sync_module_states = lambda module_states: None
 
 
 class CPUFSDPPrecision(FSDPPrecision):
@@ -118,6 +123,8 @@ def main() -> None:
                                precision=None if strategy == "fsdp" else precision)
         trainer.fit(module, datamodule=dm)
         if strategy == "fsdp":  # every rank takes part in gathering the shards
+            # rank 0 alone read the weights; the others built the model on the meta device (QLoRA: every rank)
+            assert module.built_on_meta == (trainer.global_rank > 0 and module.meta_init), module.built_on_meta
             weights = gather_weights(trainer, module, trainable_only=True)
             if trainer.is_global_zero:
                 folder = Path(out) / name

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, final
 
@@ -28,7 +29,7 @@ from ftframe.distributed import (
 )
 from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations, own_mapped_weights
 from ftframe.errors import UserError
-from ftframe.models import DTypeName, load_model, load_tokenizer, resolve_model
+from ftframe.models import DTYPES, DTypeName, load_model, load_tokenizer, resolve_model
 from ftframe.packing import batch_examples, enable_varlen_attention, token_lengths
 from ftframe.tasks import CausalLM, Task
 
@@ -88,6 +89,12 @@ class FineTuneModule(LightningModule):
     #: autocast dtype without changing results. Methods that read frozen weights otherwise (DoRA's row norms, IA3's
     #: input scaling) leave it ``False``.
     cast_frozen_weights: bool = False
+    #: Whether, under FSDP with several processes, ranks other than 0 may build the base on the ``meta`` device (no
+    #: weights read, no memory) and receive rank 0's weights as FSDP wraps the model. ``False`` for bases that are
+    #: quantized while they load (QLoRA), which every rank loads itself.
+    meta_init: bool = True
+    #: Set by ``configure_model``: this process built the model on the ``meta`` device (see :attr:`meta_init`).
+    built_on_meta: bool = False
 
     def __init__(
         self,
@@ -246,7 +253,14 @@ class FineTuneModule(LightningModule):
             with torch.device("meta"):
                 skeleton = self.task.auto_class().from_config(config)
             _check_target_modules(skeleton, peft_config, type(self).__name__)
-        model = self.load_base_model()
+        if self._meta_init_here():
+            # FSDP, rank > 0: the architecture alone; rank 0 reads the weights and FSDP broadcasts them while it wraps
+            # the model (sync_module_states), materializing these modules on the device first (param_init_fn)
+            with torch.device("meta"):
+                model = self.task.auto_class().from_config(config, dtype=DTYPES[self.dtype_name])
+            self.built_on_meta = True
+        else:
+            model = self.load_base_model()
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
@@ -269,6 +283,15 @@ class FineTuneModule(LightningModule):
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         mark_tied_parameters(model)  # for FSDP's wrapping policy: shared weights stay in one unit
+        if self.built_on_meta:
+            # FSDP fills meta modules one by one; tied weights must become one tensor again (see _materialize)
+            users: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+            for module in model.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    users.setdefault(id(param), []).append((module, name))
+            tied = {key: holders for key, holders in users.items() if len(holders) > 1}
+            self._trainer.strategy.kwargs["param_init_fn"] = partial(
+                _materialize, device=self._trainer.strategy.root_device, tied=tied)
         self.model = model
         metrics = self.task.metrics()
         if metrics is not None:
@@ -278,6 +301,15 @@ class FineTuneModule(LightningModule):
             raise UserError(f"{type(self).__name__} left no trainable parameters; check its options")
         rank_zero_info(f"[ftframe] {type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
                    f"({100 * trainable / total:.3f}%)")
+
+    def _meta_init_here(self) -> bool:
+        """Whether this process builds the model on the meta device (and, on every rank, tell FSDP how to fill it)."""
+        trainer = self._trainer
+        if not (self.meta_init and trainer is not None and trainer.world_size > 1
+                and "FSDPStrategy" in {t.__name__ for t in type(trainer.strategy).__mro__}):
+            return False
+        trainer.strategy.kwargs.setdefault("sync_module_states", True)  # rank 0's weights to every rank
+        return trainer.global_rank != 0
 
     def _frozen_dtype(self) -> torch.dtype | None:
         if self.frozen_dtype == "auto" and not self.cast_frozen_weights:
@@ -443,6 +475,23 @@ class FineTuneModule(LightningModule):
             return
         names = trainable_names(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+
+def _materialize(module: torch.nn.Module, device: torch.device,
+                 tied: dict[int, list[tuple[torch.nn.Module, str]]]) -> None:
+    """FSDP ``param_init_fn``: storage for a meta-device module's own tensors (their values come from rank 0).
+
+    ``tied``: the modules holding each shared parameter (by the meta parameter's id), which receive the new tensor
+    too -- ``to_empty`` replaces a parameter in its own module only, and a broken tie would change the model.
+    """
+    own = dict(module.named_parameters(recurse=False))
+    if not any(t.is_meta for t in (*own.values(), *module.buffers(recurse=False))):
+        return  # (FSDP passes modules around the meta ones too, e.g. metrics)
+    module.to_empty(device=device, recurse=False)
+    for name, before in own.items():
+        for holder, attr in tied.get(id(before), []):
+            if holder is not module:
+                setattr(holder, attr, getattr(module, name))
 
 
 def _unwrap_leaf(name: str) -> str:

@@ -48,6 +48,8 @@ class QLoRA(FineTuneModule):
         **kwargs: See :class:`FineTuneModule`.
     """
 
+    meta_init = False  # bitsandbytes quantizes weights as they load: every rank loads the base itself
+
     def __init__(
         self,
         *args,
