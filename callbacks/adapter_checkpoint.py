@@ -273,9 +273,9 @@ def resolve_resume_path(path: str | Path) -> str:
     p = Path(path)
     if not p.is_dir():
         return str(path)
-    if (p / RESUME_FILE).is_file():
+    if (p / RESUME_FILE).exists():  # a file, or a folder of shards (FSDP state_dict_type: sharded)
         return str(p / RESUME_FILE)
-    if (p / LAST_LINK / RESUME_FILE).is_file():  # the checkpoints folder itself
+    if (p / LAST_LINK / RESUME_FILE).exists():  # the checkpoints folder itself
         return str(p / LAST_LINK / RESUME_FILE)
     hint = ""
     meta = p / "ftframe.json"

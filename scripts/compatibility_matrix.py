@@ -14,7 +14,9 @@ reports read; "FAIL" when one failed; "not run" otherwise (no such test, skipped
   FSDPStrategy with ftframe's wrapping policy, told to use the CPU: losses and gathered weights equal one process
   with the same global batch; the adapter AdapterExport gathers from the shards has the single process's files and
   tensor names and reloads with its logits);
-* GPU cells: tests marked ``gpu`` whose ids name the method, strategy and precision (``[LoRA-fsdp-bf16-mixed]``).
+* GPU cells: ``tests/test_gpu.py`` (marked ``gpu``, skipped without CUDA), whose ids name the method, strategy and
+  precision (``[LoRA-fsdp-bf16-mixed]``): the sharded run's losses equal a plain run's with the same global batch and
+  its gathered adapter reloads with the plain run's logits.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ COLUMNS = [("single device (CPU)", "32-true"), ("ddp, 2 CPU processes", "32-true
            ("ddp, 2 CPU processes", "bf16-mixed"), (FSDP_CPU, "32-true"), (FSDP_CPU, "bf16-mixed"),
            ("fsdp (GPU)", "bf16-mixed"), ("deepspeed zero2 (GPU)", "bf16-mixed"), ("deepspeed zero3 (GPU)", "bf16-mixed")]
 GPU_COLUMNS = [c for c in COLUMNS if "(GPU)" in c[0]]
-TESTS = ["tests/test_methods_contract.py", "tests/test_distributed.py"]
+TESTS = ["tests/test_methods_contract.py", "tests/test_distributed.py", "tests/test_gpu.py"]
 
 
 def cell_of(classname: str, name: str) -> tuple[str, tuple[str, str]] | None:

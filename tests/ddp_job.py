@@ -4,10 +4,12 @@
 
 For each method (a key of ``tests.test_methods_contract.METHODS``) it trains ``STEPS`` steps on the CPU with
 ``DEVICES`` processes of ``BATCH`` examples each, in Lightning precision ``PRECISION``, under ``STRATEGY`` (``ddp``, or
-``fsdp``: Lightning's FSDPStrategy on the CPU through :class:`CPUFSDPStrategy`), and writes, from rank 0,
+``fsdp``: Lightning's FSDPStrategy on the CPU through :class:`CPUFSDPStrategy`; on CUDA GPUs ``gpu`` (one device, or
+DDP), ``fsdp-gpu``, ``deepspeed_zero2``, ``deepspeed_zero3``), and writes, from rank 0,
 ``OUT/<method>/``: ``losses.json`` (the loss of every step, averaged over the ranks), ``trained.safetensors`` (the
-trainable weights), ``logits.pt`` (the trained model's logits on a fixed padded batch; not under FSDP, whose shards
-only the wrapped root can run) and ``artifact/`` (the folder AdapterExport writes, gathered from the shards under FSDP).
+trainable weights), ``logits.pt`` (the trained model's logits on a fixed padded batch; only for ``ddp`` and ``gpu``: a
+sharded model runs only through its wrapped root) and ``artifact/`` (for the other strategies the folder AdapterExport
+writes, gathered from the shards).
 """
 
 from __future__ import annotations
@@ -102,10 +104,21 @@ class CPUFSDPPrecision(FSDPPrecision):
         return super().forward_context()
 
 
+#: strategies of GPU runs (tests/test_gpu.py): ``gpu`` is the single-device (or DDP) reference
+GPU_STRATEGIES = ("gpu", "fsdp-gpu", "deepspeed_zero2", "deepspeed_zero3")
+
+
 def make_strategy(name: str, devices: int, precision: str):
-    if name == "fsdp":
+    if name in ("fsdp", "fsdp-sharded"):  # checkpoints: one file of trainable weights, or a folder of shards
         return CPUFSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy, process_group_backend="gloo",
-                               state_dict_type="full", precision_plugin=CPUFSDPPrecision(precision))
+                               state_dict_type="sharded" if name == "fsdp-sharded" else "full",
+                               precision_plugin=CPUFSDPPrecision(precision))
+    if name == "fsdp-gpu":
+        return FSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy, state_dict_type="full")
+    if name.startswith("deepspeed_zero"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=int(name[-1]), exclude_frozen_parameters=True)
     return "ddp" if devices > 1 else "auto"
 
 
@@ -120,12 +133,16 @@ def main() -> None:
         recorder = StepLosses()
         trainer = tiny_trainer(Path(out) / name, max_steps=int(steps), devices=int(devices),
                                strategy=make_strategy(strategy, int(devices), precision), callbacks=[recorder],
-                               precision=None if strategy == "fsdp" else precision)
+                               precision=None if strategy == "fsdp" else precision,
+                               accelerator="gpu" if strategy in GPU_STRATEGIES else "cpu")
         trainer.fit(module, datamodule=dm)
-        if strategy == "fsdp":  # every rank takes part in gathering the shards
-            # rank 0 alone read the weights; the others built the model on the meta device (QLoRA: every rank)
-            assert module.built_on_meta == (trainer.global_rank > 0 and module.meta_init), module.built_on_meta
+        if strategy not in ("ddp", "gpu"):  # every rank takes part in gathering the shards
+            if strategy.startswith("fsdp"):
+                # rank 0 alone read the weights; the others built the model on the meta device (QLoRA: every rank)
+                assert module.built_on_meta == (trainer.global_rank > 0 and module.meta_init), module.built_on_meta
             weights = gather_weights(trainer, module, trainable_only=True)
+            if weights is None:  # ZeRO-2: every rank holds whole weights
+                weights = {k: v.detach().cpu() for k, v in module.trainable_state_dict().items()}
             if trainer.is_global_zero:
                 folder = Path(out) / name
                 folder.mkdir(parents=True, exist_ok=True)
@@ -141,8 +158,10 @@ def main() -> None:
                       str(folder / "trained.safetensors"))
             module.model.eval()
             fixed = unpack(next(iter(dm.val_dataloader())))
-            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
-                logits = module.model(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"]).logits
+            device = module.device
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
+                logits = module.model(input_ids=fixed["input_ids"].to(device),
+                                      attention_mask=fixed["attention_mask"].to(device)).logits.cpu()
             torch.save({"logits": logits, "input_ids": fixed["input_ids"], "attention_mask": fixed["attention_mask"]},
                        folder / "logits.pt")
             module.save_trained(folder / "artifact")

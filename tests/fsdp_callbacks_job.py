@@ -4,7 +4,8 @@
 
 Trains LoRA for ``STEPS`` steps with ``AdapterCheckpoint`` (every 2 steps), ``ForgettingMonitor`` (reference windows and
 a multiple-choice probe, measured before training and at the end) and ``AdapterExport`` into ``OUT``; ``STRATEGY`` is
-``fsdp`` (Lightning's FSDPStrategy on CPU processes, see ``tests/ddp_job.py``) or ``single``; ``BATCH`` examples per
+``fsdp`` (Lightning's FSDPStrategy on CPU processes, see ``tests/ddp_job.py``), ``fsdp-sharded`` (the same, checkpoints
+as folders of shards) or ``single``; ``BATCH`` examples per
 process. ``RESUME``: a checkpoint
 folder to continue from.
 """
@@ -40,7 +41,7 @@ def main() -> None:
                  AdapterExport(dirpath=str(out_dir / "adapter"))]
     trainer = tiny_trainer(out_dir, max_steps=int(steps), devices=int(devices), callbacks=callbacks, enable_checkpointing=True,
                            strategy=make_strategy(strategy, int(devices), "32-true"),
-                           precision=None if strategy == "fsdp" else "32-true")
+                           precision=None if strategy.startswith("fsdp") else "32-true")
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_resume_path(resume[0]) if resume else None)
 
 

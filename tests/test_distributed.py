@@ -133,8 +133,8 @@ def test_fsdp_adapter_gathered_from_shards_reloads_with_the_single_process_logit
 
 def test_fsdp_checkpoints_resume_and_forgetting_is_measured_on_every_rank(tiny_model, even_data, tmp_path):
     """LoRA under FSDP with AdapterCheckpoint, ForgettingMonitor and AdapterExport: the forgetting measurements equal
-    a single process's with the same global batch; resuming the step-2 checkpoint ends where the run without the
-    interruption ended."""
+    a single process's with the same global batch; resuming the step-2 checkpoint (a file of trainable weights, or a
+    folder of shards) ends where the run without the interruption ended."""
     reference = tmp_path / "reference.txt"
     reference.write_text(" ".join(f"{WORDS[i % 10]} plus {WORDS[(i * 3) % 10]}." for i in range(200)), encoding="utf-8")
     probe = tmp_path / "probe.jsonl"
@@ -168,6 +168,14 @@ def test_fsdp_checkpoints_resume_and_forgetting_is_measured_on_every_rank(tiny_m
     assert max(float((final[k] - alone[k]).abs().max()) for k in final) < 1e-3
     ckpt = torch.load(checkpoints / "step=000002" / "resume.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # trainable weights only
+    # state_dict_type: sharded (configs/strategy/fsdp.yaml): resume.ckpt is a folder with one file per rank
+    run("sharded", "fsdp-sharded", 2, 2)
+    shards = tmp_path / "sharded" / "checkpoints" / "step=000002" / "resume.ckpt"
+    assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2
+    run("sharded-resumed", "fsdp-sharded", 2, 2, str(shards.parent))
+    final = load_file(str(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "sharded-resumed" / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == alone.keys() and max(float((final[k] - again[k]).abs().max()) for k in final) < 1e-6
 
 
 def test_rank_shards_split_the_seeded_order_without_reshuffling_it():
@@ -205,3 +213,38 @@ def test_qlora_stores_4bit_weights_in_the_dtype_fsdp_computes_in(tiny_model):
     assert module.quantization_config().bnb_4bit_quant_storage == torch.float32
     assert QLoRA(model_name=tiny_model, quant_storage="float16").quantization_config().bnb_4bit_quant_storage \
         == torch.float16
+
+
+class _Stub:
+    """Stands for a Lightning strategy, which cannot be built here (FSDP and DeepSpeed refuse the CPU)."""
+
+    def __init__(self, name: str, **attrs) -> None:
+        self.__class__ = type(name, (_Stub,), {})
+        self.__dict__.update(attrs)
+
+
+def test_combinations_that_cannot_shard_are_refused_at_start_up(tiny_model):
+    from types import SimpleNamespace
+
+    from ftframe.callbacks import ForgettingMonitor
+    from ftframe.errors import UserError
+    from ftframe.methods import LoRA, QLoRA
+
+    zero3 = SimpleNamespace(strategy=_Stub("DeepSpeedStrategy", zero_stage_3=True), precision="bf16-mixed")
+    qlora = QLoRA(model_name=tiny_model)
+    qlora._trainer = zero3
+    with pytest.raises(UserError, match=r"QLoRA cannot run under DeepSpeed ZeRO-3.*configs/strategy/fsdp.yaml"):
+        qlora.load_base_model()
+    fsdp = SimpleNamespace(strategy=_Stub("FSDPStrategy", root_device=torch.device("cpu")), precision="bf16-mixed",
+                           world_size=1)
+    qlora = QLoRA(model_name=tiny_model, quant_storage="uint8")
+    qlora._trainer = fsdp
+    with pytest.raises(UserError, match=r"quant_storage 'uint8' under FSDPStrategy.*Use quant_storage: auto"):
+        qlora.load_base_model()
+    pissa = LoRA(model_name=tiny_model, init="pissa")
+    pissa._trainer = fsdp
+    with pytest.raises(UserError, match=r"init 'pissa' cannot run under FSDPStrategy.*init: default"):
+        pissa.check_base(None)
+    monitor = ForgettingMonitor(reference="sotu", kl="initial_weights", probe=None)
+    with pytest.raises(UserError, match=r"kl: initial_weights cannot run under FSDPStrategy"):
+        monitor._choose_kl(fsdp, LoRA(model_name=tiny_model))

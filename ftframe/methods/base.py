@@ -143,6 +143,7 @@ class FineTuneModule(LightningModule):
         self.tokenizer: Any = None
         # Checkpoints hold trainable weights only, so loading them must not demand the frozen base.
         self.strict_loading = False
+        self._hf_deepspeed: Any = None  # transformers' ZeRO-3 loading switch, alive for the run (see configure_model)
         self.val_loss = MeanMetric()
         self.val_metrics: Any = None  # the task's metrics (e.g. accuracy, F1), built with the model
         self.test_metrics: Any = None
@@ -260,6 +261,9 @@ class FineTuneModule(LightningModule):
                 model = self.task.auto_class().from_config(config, dtype=DTYPES[self.dtype_name])
             self.built_on_meta = True
         else:
+            # DeepSpeed ZeRO-3 builds the model inside deepspeed.zero.Init, which partitions each weight as it is
+            # created: transformers must know, to load checkpoint weights into the partitions (kept for the run)
+            self._hf_deepspeed = _zero3_loading_config(self._trainer)
             model = self.load_base_model()
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -475,6 +479,17 @@ class FineTuneModule(LightningModule):
             return
         names = trainable_names(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+
+def _zero3_loading_config(trainer: Any) -> Any:
+    """transformers' ``HfDeepSpeedConfig`` for a DeepSpeed ZeRO-3 run (its existence switches ``from_pretrained`` to
+    loading into partitioned weights), else ``None``."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if not getattr(strategy, "zero_stage_3", False):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(strategy.config)
 
 
 def _materialize(module: torch.nn.Module, device: torch.device,

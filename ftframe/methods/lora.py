@@ -90,13 +90,16 @@ class LoRA(FineTuneModule):
     def peft_config(self) -> Any:
         return lora_config(**self.lora)
 
-    def adapt(self, model: Any) -> Any:
-        model = super().adapt(model)
+    def check_base(self, config: Any) -> None:
+        super().check_base(config)
         if self.lora["init"] != "default" and self._trainer is not None and shards_parameters(self._trainer):
             raise UserError(f"LoRA init {self.lora['init']!r} cannot run under {type(self._trainer.strategy).__name__}: "
                             "saving converts the factors against the initial ones held by every process, which a "
                             "sharding strategy splits up. Use init: default with FSDP / DeepSpeed ZeRO-3, or "
                             "configs/strategy/ddp.yaml or deepspeed_zero2.yaml with this init")
+
+    def adapt(self, model: Any) -> Any:
+        model = super().adapt(model)
         if self.lora["init"] != "default":
             # keep the initial factors: saving converts the trained adapter into one for the original base weights
             import tempfile
