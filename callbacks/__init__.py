@@ -4,5 +4,6 @@ from ftframe.callbacks.adapter_checkpoint import AdapterCheckpoint
 from ftframe.callbacks.adapter_export import AdapterExport
 from ftframe.callbacks.classification_report import ClassificationReport
 from ftframe.callbacks.forgetting import ForgettingMonitor
+from ftframe.callbacks.graceful_stop import GracefulStop
 
-__all__ = ["AdapterCheckpoint", "AdapterExport", "ClassificationReport", "ForgettingMonitor"]
+__all__ = ["AdapterCheckpoint", "AdapterExport", "ClassificationReport", "ForgettingMonitor", "GracefulStop"]

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import ftframe.data
 import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
-from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ClassificationReport
+from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ClassificationReport, GracefulStop
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -122,7 +122,7 @@ class FTFrameCLI(LightningCLI):
         if path == "last":
             folders = [cb.dirpath or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints"
                        for cb in self.trainer.callbacks if isinstance(cb, AdapterCheckpoint)]
-            found = [f / LAST_LINK for f in folders if (f / LAST_LINK / RESUME_FILE).is_file()]
+            found = [f / LAST_LINK for f in folders if (f / LAST_LINK / RESUME_FILE).exists()]
             if not found:
                 if folders:
                     raise UserError(f"--ckpt_path last: no checkpoint in {[str(f) for f in folders]} yet; pass a "
@@ -156,6 +156,9 @@ class FTFrameCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
+        if not any(isinstance(cb, GracefulStop) for cb in self.trainer.callbacks):
+            # first: it must ask to stop before AdapterCheckpoint (ordered last) decides what to save after a step
+            self.trainer.callbacks.insert(0, GracefulStop())
         self._val_before = None
         if self.config[self.subcommand].get("validate_before_fit"):
             self._val_before = self._validate("before training")

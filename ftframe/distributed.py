@@ -128,7 +128,7 @@ def gather_weights(trainer: Any, pl_module: torch.nn.Module, trainable_only: boo
     """Whole weights of ``pl_module``, keyed as its state dict, gathered from the shards onto rank 0 (on the CPU).
 
     Collective: every rank calls it. Returns ``None`` when the strategy does not shard parameters (every rank holds
-    whole tensors: read them from the module); otherwise rank 0 gets the tensors and the other ranks ``{}``.
+    whole tensors: read them from the module); otherwise rank 0 gets the tensors (the other ranks may get ``{}``).
     ``trainable_only`` gathers just the trained weights (an adapter's), never the frozen base: one tensor at a time
     under ZeRO-3, and through ``torch.distributed.checkpoint``'s full state dict under FSDP.
     """

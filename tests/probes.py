@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
+from ftframe.tasks import CausalLM
+
 
 class KillAt(Callback):
     """SIGKILL this process right after optimizer step ``step``: no hook, no cleanup, like a crash or OOM kill."""
@@ -19,6 +21,18 @@ class KillAt(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(Callback):
+    """Send this process the signal ``name`` (e.g. SIGTERM) as step ``step + 1`` starts, like a scheduler's pre-emption."""
+
+    def __init__(self, step: int, name: str = "SIGTERM") -> None:
+        self.step = step
+        self.name = name
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.name))
 
 
 class KillDuringSave(Callback):
@@ -51,3 +65,48 @@ class RankRecord(Callback):
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
                   "should_stop": trainer.should_stop, "metrics": metrics}
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class NaNLossTask(CausalLM):
+    """Causal-LM tuning whose loss is NaN on the given (1-based) training steps: a diverging batch, on demand."""
+
+    def __init__(self, steps: list[int], rank: int | None = None) -> None:
+        super().__init__()
+        self.steps = set(steps)
+        self.rank = rank  # only in this process of a multi-process run
+        self.calls = 0
+
+    def loss(self, model, batch):
+        import torch.distributed as dist
+
+        loss, n_tokens = super().loss(model, batch)
+        if model.training:
+            self.calls += 1
+            here = self.rank is None or (dist.is_initialized() and dist.get_rank() == self.rank)
+            if self.calls in self.steps and here:
+                loss = loss * float("nan")
+        return loss, n_tokens
+
+
+class InfGradientAt(Callback):
+    """Put an inf into one trainable gradient after the backward pass of the given (1-based) steps."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step + 1 in self.steps:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
+class WeightsPerStep(Callback):
+    """Keep a copy of the trainable weights after every step (``.history``), and the optimizer's step counts."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+        self.optimizer_steps: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.history.append({k: v.detach().clone() for k, v in pl_module.trainable_state_dict().items()})
+        state = trainer.optimizers[0].state
+        self.optimizer_steps.append(max((int(s["step"]) for s in state.values() if "step" in s), default=0))

@@ -15,7 +15,7 @@ __all__ = ["LengthGroupedSampler", "PackCollator", "PadCollator", "PromptCollato
 
 
 class TokenDataset(Dataset):
-    """Tokenized examples: each item is ``{"input_ids": LongTensor(T), "labels": LongTensor(T)}``."""
+    """Tokenized examples: each item is ``{"input_ids": LongTensor(T), "labels": LongTensor(T), "index": i}``."""
 
     def __init__(self, input_ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> None:
         self.input_ids = list(input_ids)
@@ -24,8 +24,8 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
 
 
 class PadCollator:
@@ -43,7 +43,7 @@ class PadCollator:
         labels = torch.full_like(input_ids, -100)
         for i, e in enumerate(examples):
             labels[i, : len(e["labels"])] = e["labels"]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **_ids(examples)}
 
 
 def pad_right(sequences: Sequence[torch.Tensor], pad_token_id: int,
@@ -91,7 +91,15 @@ class PackCollator:
             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
             "cu_seq_lens": torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
             "max_seq_len": torch.tensor(max(lengths)),
+            **_ids(examples),
         }
+
+
+def _ids(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``example_ids``: each example's position in its data set, when the data set gives it (to name bad batches)."""
+    if "index" not in examples[0]:
+        return {}
+    return {"example_ids": torch.tensor([int(e["index"]) for e in examples])}
 
 
 class PromptCollator:

@@ -17,7 +17,7 @@ from typing import Any, Literal, final
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from ftframe.distributed import (
@@ -83,6 +83,10 @@ class FineTuneModule(LightningModule):
             packed batches, the padded length otherwise); ``null`` disables. Papers use 5-15.
         compile: ``torch.compile`` each transformer block (fuses elementwise work; the first steps are slower while
             it compiles).
+        max_nonfinite_steps: A step whose loss or gradients are not finite (inf / NaN) is skipped -- the weights and
+            optimizer state stay as they were -- with a warning naming the batch's examples; after this many such
+            steps training stops with an error, and the last checkpoint (written before them) is kept. ``0`` stops
+            at the first one.
     """
 
     #: Whether frozen weights are used only in matmuls, so that ``frozen_dtype: auto`` may store them in the
@@ -113,6 +117,7 @@ class FineTuneModule(LightningModule):
         fused_optimizer: bool = True,
         neftune_alpha: float | None = None,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -139,6 +144,12 @@ class FineTuneModule(LightningModule):
         if neftune_alpha is not None and neftune_alpha <= 0:
             raise UserError(f"neftune_alpha must be > 0 or null, got {neftune_alpha}")
         self.neftune_alpha = neftune_alpha
+        if max_nonfinite_steps < 0:
+            raise UserError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradients in this run
+        self._skip_step = False  # the step being accumulated had a non-finite loss
+        self._step_ids: list[Any] = []  # the examples of the step being accumulated
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         # Checkpoints hold trainable weights only, so loading them must not demand the frozen base.
@@ -347,6 +358,12 @@ class FineTuneModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert self.model is not None
         loss, n_tokens = self.task.loss(self.model, batch)
+        self._step_ids += self._local_ids(batch)  # to name the examples if this step is skipped
+        if self._any_rank(not bool(torch.isfinite(loss))):
+            # skipped in on_before_optimizer_step; a zero loss over the trainable weights keeps every process's
+            # backward (and DDP's gradient reduction) in step
+            self._skip_step = True
+            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
         bs = batch_examples(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
@@ -438,6 +455,62 @@ class FineTuneModule(LightningModule):
         return self.task.predict(self.model, batch, self.tokenizer)
 
     @final
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        bad_grads = False
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:  # (fp16's scaler skips infs)
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            bad_grads = not bool(finite)
+            if shards_parameters(self.trainer):  # each rank checked its shard of the gradients
+                bad_grads = self._any_rank(bad_grads)
+        local_ids, self._step_ids = self._step_ids, []
+        if not (self._skip_step or bad_grads):
+            return
+        what = "loss" if self._skip_step else "gradients"
+        ids = sorted(set(self._gather_ids(local_ids)))
+        self._skip_step = False
+        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients as they are
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), reduce_fx="max")
+        step = self.trainer.global_step + 1
+        if ids and isinstance(ids[0], str):  # classification batches carry file:line
+            examples = "the examples at " + ", ".join(ids)
+        else:
+            examples = f"training examples {ids} (positions in the training split)" if ids else "its examples"
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            from ftframe.callbacks.adapter_checkpoint import AdapterCheckpoint
+
+            saved = [cb.last_model_path for cb in self.trainer.callbacks
+                     if isinstance(cb, AdapterCheckpoint) and cb.last_model_path]
+            kept = (f"The last checkpoint, {Path(saved[0]).parent}, holds the state before it" if saved
+                    else "No checkpoint had been written")
+            raise UserError(f"step {step}: non-finite {what} ({self.nonfinite_steps} steps so far, more than "
+                            f"max_nonfinite_steps={self.max_nonfinite_steps}); the batch held {examples}. Training "
+                            f"stopped. {kept}. Lower the learning rate, use bf16-mixed rather than 16-mixed, or check "
+                            "those examples")
+        rank_zero_warn(f"[ftframe] step {step}: non-finite {what}; step skipped, weights unchanged "
+                       f"({self.nonfinite_steps} of at most {self.max_nonfinite_steps}); the batch held {examples}")
+
+    def _any_rank(self, flag: bool) -> bool:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return flag
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    @staticmethod
+    def _local_ids(batch: dict[str, Any]) -> list[Any]:
+        """The batch's example ids (positions in the split), or ``file:line`` for batches that carry them."""
+        ids = batch.get("example_ids")
+        return [int(i) for i in ids.tolist()] if isinstance(ids, torch.Tensor) else list(batch.get("where") or [])
+
+    def _gather_ids(self, mine: list[Any]) -> list[Any]:
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            every: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every, mine)
+            mine = [i for rank in every for i in rank]
+        return mine
+
     def configure_optimizers(self) -> Any:
         from transformers import get_scheduler
 
