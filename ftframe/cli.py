@@ -13,6 +13,7 @@ User errors print one paragraph and exit 2; ``--debug`` (or ``FTFRAME_DEBUG=1``)
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -255,6 +256,29 @@ def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) ->
                             f"of a class that subclasses {base.__module__}.{base.__name__}")
 
 
+def inspect_data(argv: list[str]) -> dict[str, Any]:
+    """``ftframe inspect-data --config RUN.yaml [--data.OPTION ...]``: the data sanity report of a run, alone.
+
+    Reads the same configuration ``ftframe fit`` would (the data section, and the model for its tokenizer), tokenizes
+    the data (or reads the cache) and prints what training would learn from: counts per split, supervised-token
+    fractions, whether response ends are supervised, the first example with its loss mask; for classification data
+    the label distribution. Nothing is trained and no weights are loaded (a .gguf base is converted once, as fit
+    would, to read its tokenizer).
+    """
+    if any(a in ("-h", "--help") for a in argv):
+        print(inspect_data.__doc__)
+        return {}
+    cli = FTFrameCLI(args=argv, run=False)
+    datamodule = cli.datamodule
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if hasattr(datamodule, "sanity_report"):
+        return datamodule.sanity  # printed by setup
+    report = {"labels": getattr(datamodule, "stats", {})}
+    print(json.dumps(report, indent=2, default=str))
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ftframe`` console script and ``python -m ftframe``."""
     _quiet_third_party()
@@ -268,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         tools = _tools()
         if argv and argv[0] in tools:
             tools[argv[0]](argv[1:])
+        elif argv and argv[0] == "inspect-data":
+            inspect_data(argv[1:])
         else:
             from lightning.pytorch import LightningDataModule as _DataModule
 

@@ -110,3 +110,14 @@ class WeightsPerStep(Callback):
         self.history.append({k: v.detach().clone() for k, v in pl_module.trainable_state_dict().items()})
         state = trainer.optimizers[0].state
         self.optimizer_steps.append(max((int(s["step"]) for s in state.values() if "step" in s), default=0))
+
+
+class UnsupervisedBatchAt(Callback):
+    """Mask every label of the batch of the given (1-based) step, as data whose responses were all cut away."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            batch["labels"].fill_(-100)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -79,6 +79,8 @@ class InstructionDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the train/val split and of the shuffling order.
         cache_dir: Where tokenized data is cached; ``None`` = ``$FTFRAME_HOME/tokenized``.
+        min_supervised_fraction: Stop at set-up when fewer of the training tokens than this fraction are supervised
+            (a wrong response field, or a template that masks every response); ``0`` disables the check.
     """
 
     def __init__(
@@ -108,8 +110,13 @@ class InstructionDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: str | None = None,
+        min_supervised_fraction: float = 0.001,
     ) -> None:
         super().__init__()
+        if not 0.0 <= min_supervised_fraction < 1.0:
+            raise UserError(f"min_supervised_fraction must be in [0, 1), got {min_supervised_fraction}")
+        self.min_supervised_fraction = min_supervised_fraction
+        self.sanity: dict[str, Any] = {}
         self.train_files = [train_files] if isinstance(train_files, str) else list(train_files)
         self.val_files = [val_files] if isinstance(val_files, str) else list(val_files or [])
         if not self.train_files:
@@ -165,6 +172,34 @@ class InstructionDataModule(LightningDataModule):
             train_idx, val_idx = self._split(len(train["status"]))
         self.train_dataset = self._dataset("train", train, train_idx, self.max_train_examples)
         self.val_dataset = self._dataset("val", val, val_idx, self.max_val_examples)
+        self.check_sanity()
+
+    def sanity_report(self) -> dict[str, Any]:
+        """Per split: counts, supervised-token fractions, terminator supervision; the first example with its mask."""
+        from ftframe.data.sanity import instruction_report
+
+        return instruction_report(self.stats, {"train": self.train_dataset, "val": self.val_dataset},
+                                  self._get_tokenizer())
+
+    def check_sanity(self) -> None:
+        """Print the sanity report (rank 0) and stop on training data that would teach (almost) nothing."""
+        from ftframe.data.sanity import format_instruction_report
+
+        report = self.sanity_report()
+        self.sanity = report
+        rank_zero_info(format_instruction_report(report))
+        train = report["splits"]["train"]
+        if train["supervised_fraction_overall"] < self.min_supervised_fraction:
+            raise UserError(f"only {train['supervised_fraction_overall']:.4%} of the training tokens are supervised "
+                            f"(min_supervised_fraction={self.min_supervised_fraction}): the loss would be computed on "
+                            "almost nothing. Check that the response field is the right one (output_field / "
+                            "completion_field / the assistant turns), or lower min_supervised_fraction for data with "
+                            "very long prompts")
+        complete = train["examples"] - train["truncated"]
+        if train["terminator_supervised"] < complete:
+            rank_zero_warn(f"[ftframe] {complete - train['terminator_supervised']} of {complete} complete training "
+                           f"responses do not end with a supervised {'/'.join(report['terminators']) or 'EOS'}: the model may "
+                           "not learn to stop. Check the template (template: chat_template uses the tokenizer's)")
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "setup() has not run"

@@ -359,7 +359,14 @@ class FineTuneModule(LightningModule):
         assert self.model is not None
         loss, n_tokens = self.task.loss(self.model, batch)
         self._step_ids += self._local_ids(batch)  # to name the examples if this step is skipped
-        if self._any_rank(not bool(torch.isfinite(loss))):
+        nonfinite, unsupervised = self._any_rank(not bool(torch.isfinite(loss)), int(n_tokens) == 0)
+        if unsupervised:
+            ids = sorted(set(self._gather_ids(self._local_ids(batch))))
+            raise UserError(f"step {self.trainer.global_step + 1}: a training batch has no supervised token (every "
+                            f"label is -100), so its loss would be 0 and teach nothing; it held {ids}. Check the data "
+                            "with `ftframe inspect-data --config <your config>` (the response field, the template's "
+                            "mask, max_length)")
+        if nonfinite:
             # skipped in on_before_optimizer_step; a zero loss over the trainable weights keeps every process's
             # backward (and DDP's gradient reduction) in step
             self._skip_step = True
@@ -491,11 +498,13 @@ class FineTuneModule(LightningModule):
         rank_zero_warn(f"[ftframe] step {step}: non-finite {what}; step skipped, weights unchanged "
                        f"({self.nonfinite_steps} of at most {self.max_nonfinite_steps}); the batch held {examples}")
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _any_rank(self, *flags: bool) -> Any:
+        """Whether each flag is set on any process (one collective for all); a single flag gives a single bool."""
         trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return flag
-        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+        if trainer is not None and trainer.world_size > 1:
+            t = torch.tensor([float(f) for f in flags], device=self.device)
+            flags = tuple(bool(v) for v in trainer.strategy.reduce(t, reduce_op="max").tolist())
+        return flags[0] if len(flags) == 1 else flags
 
     @staticmethod
     def _local_ids(batch: dict[str, Any]) -> list[Any]:

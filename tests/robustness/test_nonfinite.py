@@ -73,3 +73,13 @@ def test_under_ddp_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tin
                       r"training examples \[([\d, ]+)\]", output)
     assert match and len(match.group(1).split(",")) == 8, output[-3000:]  # 4 examples from each of the 2 ranks
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_batch_without_supervised_tokens_stops_training_instead_of_a_silent_zero_loss(tiny_model, tiny_data,
+                                                                                        tmp_path):
+    from tests.probes import UnsupervisedBatchAt
+
+    with pytest.raises(UserError, match=r"step 2: a training batch has no supervised token \(every label is -100\), "
+                                        r"so its loss would be 0 and teach nothing; it held \[\d+, \d+, \d+, \d+\]\. "
+                                        r"Check the data with `ftframe inspect-data"):
+        _fit(tiny_model, tiny_data, tmp_path, callbacks=[UnsupervisedBatchAt(2)])
