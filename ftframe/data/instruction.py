@@ -79,6 +79,8 @@ class InstructionDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the train/val split and of the shuffling order.
         cache_dir: Where tokenized data is cached; ``None`` = ``$FTFRAME_HOME/tokenized``.
+        strict: Turn every skip-with-count into an error: a record that would be truncated or dropped stops set-up,
+            naming it.
         min_supervised_fraction: Stop at set-up when fewer of the training tokens than this fraction are supervised
             (a wrong response field, or a template that masks every response); ``0`` disables the check.
     """
@@ -111,11 +113,13 @@ class InstructionDataModule(LightningDataModule):
         seed: int = 42,
         cache_dir: str | None = None,
         min_supervised_fraction: float = 0.001,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= min_supervised_fraction < 1.0:
             raise UserError(f"min_supervised_fraction must be in [0, 1), got {min_supervised_fraction}")
         self.min_supervised_fraction = min_supervised_fraction
+        self.strict = strict
         self.sanity: dict[str, Any] = {}
         self.train_files = [train_files] if isinstance(train_files, str) else list(train_files)
         self.val_files = [val_files] if isinstance(val_files, str) else list(val_files or [])
@@ -363,6 +367,17 @@ class InstructionDataModule(LightningDataModule):
     def _dataset(self, split: str, data: dict[str, Any], indices: list[int], limit: int | None) -> TokenDataset:
         offsets, status = data["offsets"], data["status"]
         counts = Counter(int(status[i]) for i in indices)
+        if self.strict:
+            bad = [i for i in indices if int(status[i]) != OK]
+            if bad:
+                kinds = {TRUNCATED: "truncated", DROPPED_PROMPT: "prompt alone >= max_length",
+                         DROPPED_LONG: "too long (truncation: drop)"}
+                shown = ", ".join(f"record {i} ({kinds[int(status[i])]})" for i in bad[:5])
+                files = self._groups().get(split, self.train_files)
+                raise UserError(f"strict: {len(bad)} {split} record(s) of {files} would be truncated or dropped at max_length="
+                                f"{self.max_length}: {shown}{' ...' if len(bad) > 5 else ''} (0-based, in file "
+                                "order). Raise max_length, shorten those records, or leave strict off to skip and "
+                                "count them")
         keep = [i for i in indices if int(status[i]) in (OK, TRUNCATED)]
         if limit is not None:
             keep = keep[:limit]

@@ -78,3 +78,21 @@ def test_responses_that_do_not_supervise_their_end_are_reported(tiny_model, tiny
                                          r"not learn to stop"):
         dm.setup("fit")
     assert dm.sanity["splits"]["train"]["terminator_supervised"] == 0
+
+
+def test_strict_turns_truncated_and_dropped_records_into_an_error_naming_them(tiny_model, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    records = [{"prompt": "one two", "completion": "three"}] * 6
+    records[2] = {"prompt": "one", "completion": "two three " * 30}  # the response runs past max_length
+    records[4] = {"prompt": "one two " * 30, "completion": "three"}  # the prompt alone fills it
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    lenient = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, max_length=32,
+                                    cache_dir=str(tmp_path / "c"), min_supervised_fraction=0)
+    lenient.setup("fit")
+    assert (lenient.stats["train"]["truncated"], lenient.stats["train"]["dropped_prompt_too_long"]) == (1, 1)
+    strict = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, max_length=32,
+                                   cache_dir=str(tmp_path / "c"), min_supervised_fraction=0, strict=True)
+    with pytest.raises(UserError, match=r"strict: 2 train record\(s\) of \[.*mixed.jsonl'\] would be truncated or "
+                                        r"dropped at max_length=32: record 2 \(truncated\), record 4 \(prompt alone "
+                                        r">= max_length\) \(0-based, in file order\)"):
+        strict.setup("fit")
