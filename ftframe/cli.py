@@ -112,6 +112,9 @@ class FTFrameCLI(LightningCLI):
                 if explained is not None:
                     raise explained from e
                 cause = cause.__cause__ or cause.__context__
+            user = _user_error_in(e)  # a class's own check, which jsonargparse wraps in a type-union error
+            if user is not None:
+                raise user from e
             raise
 
     def _resolve_ckpt_path(self) -> None:
@@ -228,6 +231,116 @@ def _quiet_third_party() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The :class:`UserError` that ``error`` wraps -- as its cause, its context, or only in its message."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    marker = "ftframe.errors.UserError: "
+    text = str(error)
+    if marker in text:  # jsonargparse keeps only the text of the errors it collected
+        return UserError(text.split(marker, 1)[1].splitlines()[0].strip())
+    return None
+
+
+def _options_of(cls: type) -> set[str]:
+    """Constructor argument names of ``cls`` and of the classes its ``**kwargs`` reach (its bases)."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def _resolve_class(value: str, package: Any) -> type | None:
+    import importlib
+
+    cls = getattr(package, value, None)
+    if cls is None and "." in value:
+        module, _, name = value.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            return None
+    return cls if isinstance(cls, type) else None
+
+
+def _check_option_names(argv: list[str]) -> None:
+    """Unknown options of the model, data, trainer or adapter -- in flags or YAML files -- named with a suggestion.
+
+    jsonargparse's own message for a misspelt nested option is a page of usage and a type error; this names the file
+    and line (or the flag), the class, and the closest valid names.
+    """
+    import difflib
+
+    import yaml
+    from lightning.pytorch import Trainer
+
+    classes: dict[str, type | None] = {"model": ftframe.methods.LoRA, "data": ftframe.data.InstructionDataModule,
+                                       "trainer": Trainer, "adapter": AdapterExport}
+    packages = {"model": ftframe.methods, "data": ftframe.data}
+    found: list[tuple[type | None, str, str]] = []  # (class, option, where)
+
+    def note_class(section: str, value: Any) -> None:
+        if section in packages and isinstance(value, str):
+            classes[section] = _resolve_class(value, packages[section])
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for file in files:
+        try:
+            root = yaml.compose(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports unreadable files itself
+        if not isinstance(root, yaml.MappingNode):
+            continue
+        for key, node in root.value:
+            section = key.value
+            if section not in classes or not isinstance(node, yaml.MappingNode):
+                continue
+            entries = {k.value: (k, v) for k, v in node.value}
+            if "class_path" in entries:
+                note_class(section, entries.pop("class_path")[1].value)
+            entries.pop("dict_kwargs", None)
+            if "init_args" in entries:
+                init = entries.pop("init_args")[1]
+                entries.update({k.value: (k, v) for k, v in init.value} if isinstance(init, yaml.MappingNode) else {})
+            for name, (k, _) in entries.items():  # checked against the class in effect after this file
+                found.append((classes[section], name, f"{file}:{k.start_mark.line + 1}: {section}.{name}"))
+    flags: list[tuple[str, str, str]] = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            if arg.split("=", 1)[0] in ("--model", "--data") and (i + 1 < len(argv) or "=" in arg):
+                value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+                if not value.startswith(("{", "-")) and not value.endswith((".yaml", ".yml", ".json")):
+                    note_class(arg.split("=", 1)[0][2:], value)
+            continue
+        section, _, rest = arg[2:].split("=", 1)[0].partition(".")
+        name = rest.split(".", 1)[0]
+        if section in classes and name not in ("init_args", "class_path", "help", "dict_kwargs"):
+            flags.append((section, name, f"--{section}.{name}"))
+    found += [(classes[section], name, where) for section, name, where in flags]  # the final classes
+    for cls, name, where in found:
+        section = where.rsplit(" ", 1)[-1].lstrip("-").split(".", 1)[0]
+        if cls is None:
+            continue  # a class jsonargparse will report itself
+        valid = _options_of(cls)
+        if name in valid or (section == "trainer" and name == "callbacks+"):
+            continue
+        close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"its options: {', '.join(sorted(valid))}"
+        raise UserError(f"{where}: {cls.__name__} has no option {name!r}; {hint}")
+
+
 def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) -> None:
     """Reject an unknown ``--model``/``--data`` class early, listing the classes ftframe ships."""
     import importlib
@@ -299,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
 
             _check_class_choice(argv, "--model", FineTuneModule, ftframe.methods)
             _check_class_choice(argv, "--data", _DataModule, ftframe.data)
+            _check_option_names(argv)
             FTFrameCLI(args=None if from_sys else argv)
     except UserError as e:
         if debug:

@@ -31,7 +31,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep in name and Path(name).exists()
+    # a hub id is "name" or "owner/name": more than one "/" can only be a path
+    return (name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or name.count("/") > 1
+            or os.sep in name and Path(name).exists())
 
 
 def resolve_model(name: str) -> str:

@@ -1,0 +1,90 @@
+"""Bad inputs through ``ftframe fit``: each stops with exit code 2 and a message naming the file and line (or the
+option) and a fix, and leaves no output behind -- no adapter, no checkpoint, no half-written folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftframe.cli import main
+
+GOOD = {"instruction": "What is one plus one?", "output": "two"}
+
+
+def _jsonl(records: list) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
+
+
+#: (id, file name, file bytes or None for no file, extra options, the message expected on stderr)
+CASES = [
+    ("malformed-json", "d.jsonl", _jsonl([GOOD, '{"instruction": "a", "output": }']), [],
+     r"d.jsonl:2: invalid JSON at column \d+"),
+    ("not-an-object", "d.jsonl", _jsonl([GOOD, '["a", "b"]']), [], r"d.jsonl:2: expected a JSON object per line, got list"),
+    ("missing-field", "d.jsonl", _jsonl([GOOD, {"instruction": "a"}]), [],
+     r"d.jsonl:2: field 'output' is missing \(record has \['instruction'\]\)\. Add it, or map your column"),
+    ("wrong-type", "d.jsonl", _jsonl([GOOD, {"instruction": "a", "output": 5}]), [],
+     r"d.jsonl:2: field 'output' must be a string, got int 5"),
+    ("empty-file", "d.jsonl", b"", [], r"data file .*d.jsonl is empty"),
+    ("non-utf8", "d.jsonl", _jsonl([GOOD]) + b'{"instruction": "caf\xe9", "output": "x"}\n', [],
+     r"d.jsonl: bytes at offset \d+ are not valid UTF-8 .*re-save the file as UTF-8"),
+    ("missing-file", None, None, [], r"data file .*nothere.jsonl' does not exist; check the path in train_files"),
+    ("unsupported-extension", "d.txt", b"hello\n", [], r"data file .*d.txt' has an unsupported extension"),
+    ("csv-extra-cells", "d.csv", b"instruction,output\na,b,c\n", [],
+     r"d.csv:2: row has more cells than the 2 header columns; quote cells containing commas"),
+    ("json-not-records", "d.json", b'{"rows": 3}', [], r"d.json: expected a JSON array of records"),
+    ("unknown-data-option", "d.jsonl", _jsonl([GOOD] * 8), ["--data.max_lenght=64"],
+     r"--data.max_lenght: InstructionDataModule has no option 'max_lenght'; did you mean max_length\?"),
+    ("unknown-trainer-option", "d.jsonl", _jsonl([GOOD] * 8), ["--trainer.max_step=3"],
+     r"--trainer.max_step: Trainer has no option 'max_step'; did you mean max_steps"),
+    ("unknown-method", "d.jsonl", _jsonl([GOOD] * 8), ["--model=LoRB"],
+     r"--model 'LoRB' is not a FineTuneModule subclass\. ftframe's: \["),
+    ("bad-batch-size", "d.jsonl", _jsonl([GOOD] * 8), ["--data.batch_size=0"], r"batch_size must be >= 1, got 0"),
+    ("bad-learning-rate", "d.jsonl", _jsonl([GOOD] * 8), ["--model.learning_rate=0"], r"learning_rate must be > 0"),
+    ("missing-model", "d.jsonl", _jsonl([GOOD] * 8), ["--model.model_name=no/such/dir/model"],
+     r"model path 'no/such/dir/model' does not exist"),
+    ("fsdp-on-cpu", "d.jsonl", _jsonl([GOOD] * 8), ["--trainer.strategy=fsdp"],
+     r"strategy 'fsdp' needs CUDA GPUs.*configs/strategy/ddp.yaml"),
+    ("lora-rank-zero", "d.jsonl", _jsonl([GOOD] * 8), ["--model.r=0"], r"r \(LoRA rank\) must be >= 1, got 0"),
+    ("strict-truncation", "d.jsonl", _jsonl([GOOD] * 7 + [{"instruction": "a", "output": "b c " * 200}]),
+     ["--data.strict=true", "--data.max_length=32"], r"strict: 1 train record\(s\) of .* would be truncated"),
+]
+
+
+@pytest.mark.parametrize(("name", "filename", "content", "extra", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_stops_with_a_clear_message_and_leaves_no_output(name, filename, content, extra, message, tiny_model,
+                                                                   tmp_path, capsys):
+    data = tmp_path / (filename or "nothere.jsonl")
+    if content is not None:
+        data.write_bytes(content)
+    run = tmp_path / "run"
+    args = ["fit", f"--model.model_name={tiny_model}", f"--data.train_files={data}", "--data.val_size=2",
+            f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
+            f"--adapter.dirpath={run / 'adapter'}", "--trainer.callbacks+=ftframe.callbacks.AdapterCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=1", *extra]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(message, err), err[-2000:]
+    assert "Traceback" not in err
+    left = sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) if run.exists() else []
+    assert not [p for p in left if p != "config.yaml"], left  # (LightningCLI's copy of the configuration aside)
+
+
+def test_a_misspelt_option_in_a_yaml_file_is_named_with_its_file_line_and_a_suggestion(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  class_path: ftframe.methods.DoRA\n  init_args:\n    r: 8\n    dropuot: 0.1\n"
+                      "data:\n  init_args:\n    max_lenght: 64\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config)])
+    assert stop.value.code == 2
+    assert f"{config}:5: model.dropuot: DoRA has no option 'dropuot'; did you mean dropout?" in capsys.readouterr().err
+    config.write_text("data:\n  init_args:\n    max_lenght: 64\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config)])
+    assert (f"{config}:3: data.max_lenght: InstructionDataModule has no option 'max_lenght'; did you mean max_length?"
+            in capsys.readouterr().err)
