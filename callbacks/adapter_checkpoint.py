@@ -29,7 +29,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ftframe.artifacts import METADATA_FILE, gather_trained, log_dir, metadata, replace_dir, write_trained
+from ftframe.artifacts import (
+    METADATA_FILE,
+    check_writable,
+    gather_trained,
+    log_dir,
+    metadata,
+    replace_dir,
+    write_trained,
+    writing,
+)
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -92,6 +101,7 @@ class AdapterCheckpoint(Checkpoint):
         #: checkpoint folder name -> monitored score (``None``: saved on a step count, not ranked)
         self.saved: dict[str, float | None] = {}
         self.last_name: str | None = None
+        self._previous: str | None = None  # the checkpoint before the one being written
         self._rng_to_restore: list[dict[str, Any]] | None = None
         self._before_validation: str | None = None  # the step folder written just before a validation may run
 
@@ -120,6 +130,8 @@ class AdapterCheckpoint(Checkpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = log_dir(trainer) / "checkpoints"
+        if stage == "fit":
+            check_writable(Path(self.dirpath), "the AdapterCheckpoint's dirpath")
         if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():
             for leftover in self.dirpath.glob(".tmp-*"):
                 rank_zero_warn(f"[ftframe] removing {leftover}: an incomplete checkpoint from a run that stopped while "
@@ -212,6 +224,7 @@ class AdapterCheckpoint(Checkpoint):
                     os.replace(meta_path.with_name(METADATA_FILE + ".tmp"), meta_path)
             self._prune(trainer)
             return final
+        self._previous = self.last_name
         self.saved[name] = score  # before writing: the state saved inside the checkpoint lists the checkpoint itself
         self.last_name = name
         tmp = self._dir() / f".tmp-{name}"
@@ -220,11 +233,15 @@ class AdapterCheckpoint(Checkpoint):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("ftframe_checkpoint_mkdir")
-        trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)  # collective: the strategy gathers what it shards; rank 0 writes
+        kept = (f"the last complete checkpoint, {self._dir() / self._previous}, is intact" if self._previous
+                else "no earlier checkpoint exists")
+        with writing(final, tmp, kept):
+            trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)  # collective: the strategy gathers what it shards; rank 0 writes
         weights = gather_trained(trainer, pl_module)  # collective: whole tensors on rank 0 under FSDP / ZeRO-3
         if trainer.is_global_zero:
-            write_trained(trainer, pl_module, tmp, run_dir, weights, resume=RESUME_FILE, monitor=self.monitor,
-                          score=score)
+            with writing(final, tmp, kept):
+                write_trained(trainer, pl_module, tmp, run_dir, weights, resume=RESUME_FILE, monitor=self.monitor,
+                              score=score)
             replace_dir(tmp, final)
             _point_link(self._dir() / LAST_LINK, name)
         self._prune(trainer)

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ftframe.artifacts import gather_trained, log_dir, replace_dir, write_trained
+from ftframe.artifacts import check_writable, gather_trained, log_dir, replace_dir, write_trained, writing
 
 __all__ = ["AdapterExport"]
 
@@ -41,6 +41,10 @@ class AdapterExport(Callback):
         self.save_on_validate = save_on_validate
         self.last_path: Path | None = None
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if (stage == "fit" and self.save_on_fit_end) or (stage == "validate" and self.save_on_validate):
+            check_writable(self.resolve_dir(trainer), "--adapter.dirpath")  # before training, not after it
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_fit_end:
             self.export(trainer, pl_module)
@@ -60,7 +64,8 @@ class AdapterExport(Callback):
         if trainer.is_global_zero:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            write_trained(trainer, pl_module, tmp, run_dir, weights)
+            with writing(out, tmp, "the folder there before (if any) is intact"):
+                write_trained(trainer, pl_module, tmp, run_dir, weights)
             replace_dir(tmp, out)
             rank_zero_info(f"[ftframe] adapter written to {out}")
         trainer.strategy.barrier("ftframe_adapter_export")

@@ -9,16 +9,22 @@ the previous folder or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["METADATA_FILE", "gather_trained", "log_dir", "metadata", "replace_dir", "write_trained"]
+from ftframe.errors import UserError
+
+__all__ = ["METADATA_FILE", "check_writable", "gather_trained", "log_dir", "metadata", "replace_dir", "write_trained",
+           "writing"]
 
 METADATA_FILE = "ftframe.json"
 
@@ -38,6 +44,37 @@ def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Fail now, not after training, when ``folder`` cannot be created or written; creates nothing itself."""
+    existing = existing_parent(folder)
+    if not existing.is_dir():
+        raise UserError(f"output folder {folder} cannot be created: {existing} is a file, not a folder; choose "
+                        f"another with {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {folder} is not writable ({existing} does not allow writing); choose "
+                        f"another with {option}")
+
+
+@contextmanager
+def writing(folder: Path, tmp: Path, keep: str) -> Iterator[None]:
+    """Around writing ``tmp`` (to become ``folder``): on a full disk, remove the partial ``tmp`` and say what is kept."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(existing_parent(folder)).free
+            raise UserError(f"no space left on the device while writing {folder} ({free / 2**20:.0f} MiB free): the "
+                            f"partial folder was removed and {keep}. Free space, then resume") from e
+        raise
+
+
+def existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def log_dir(trainer: Trainer) -> Path:

@@ -88,3 +88,57 @@ def test_a_misspelt_option_in_a_yaml_file_is_named_with_its_file_line_and_a_sugg
         main(["fit", "--config", str(config)])
     assert (f"{config}:3: data.max_lenght: InstructionDataModule has no option 'max_lenght'; did you mean max_length?"
             in capsys.readouterr().err)
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_training(tiny_model, tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}", "--data.val_size=2",
+              f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
+              f"--adapter.dirpath={blocker / 'adapter'}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"output folder {blocker / 'adapter'} cannot be created: {blocker} is a file, not a folder; choose " \
+           "another with --adapter.dirpath" in err, err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_a_full_disk_while_checkpointing_removes_the_partial_folder_and_names_the_intact_one(tiny_model, tiny_data,
+                                                                                            tmp_path, monkeypatch):
+    import errno
+
+    from ftframe import artifacts
+    from ftframe.callbacks import AdapterCheckpoint
+    from ftframe.data import InstructionDataModule
+    from ftframe.errors import UserError
+    from ftframe.methods import LoRA
+    from tests.helpers import tiny_trainer
+
+    original = artifacts.write_trained
+    calls = []
+
+    def fill_the_disk(trainer, *args, **kwargs):
+        calls.append(trainer.global_step)
+        if trainer.global_step == 2:
+            (args[1] / "adapter_model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (args[1] / "adapter_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(trainer, *args, **kwargs)
+
+    import ftframe.callbacks.adapter_checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "write_trained", fill_the_disk)
+    folder = tmp_path / "checkpoints"
+    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
+                                 cache_dir=str(tmp_path / "cache"))
+    trainer = tiny_trainer(tmp_path, max_steps=4, enable_checkpointing=True,
+                           callbacks=[AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=1, monitor=None)])
+    with pytest.raises(UserError, match=rf"no space left on the device while writing {folder / 'step=000002'} "
+                                        rf"\(\d+ MiB free\): the partial folder was removed and the last complete "
+                                        rf"checkpoint, {folder / 'step=000001'}, is intact"):
+        trainer.fit(LoRA(model_name=tiny_model), datamodule=data)
+    assert sorted(p.name for p in folder.iterdir()) == ["last", "step=000001"]  # no .tmp-step=000002 left
+    assert (folder / "last").resolve().name == "step=000001"
+    assert (folder / "step=000001" / "adapter_model.safetensors").is_file()
