@@ -79,8 +79,8 @@ class InstructionDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the train/val split and of the shuffling order.
         cache_dir: Where tokenized data is cached; ``None`` = ``$FTFRAME_HOME/tokenized``.
-        strict: Turn every skip-with-count into an error: a record that would be truncated or dropped stops set-up,
-            naming it.
+        strict: Turn every skip-with-count or warning about the records into an error: a record that would be
+            truncated or dropped, or that repeats an earlier record's ``id``, stops set-up, naming it.
         min_supervised_fraction: Stop at set-up when fewer of the training tokens than this fraction are supervised
             (a wrong response field, or a template that masks every response); ``0`` disables the check.
     """
@@ -292,7 +292,7 @@ class InstructionDataModule(LightningDataModule):
         knobs = dict(v=CACHE_VERSION, sources=sources, tokenizer=str(tok.name_or_path), vocab=len(tok),
                      chat_template=getattr(tok, "chat_template", None), format=self.format, fields=self.fields,
                      template=self._resolved_template(), system_prompt=self.system_prompt,
-                     max_length=self.max_length, truncation=self.truncation)
+                     max_length=self.max_length, truncation=self.truncation, strict=self.strict)
         return hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _tokenized(self, files: list[str]) -> dict[str, Any]:
@@ -317,9 +317,17 @@ class InstructionDataModule(LightningDataModule):
         ids_all: list[list[int]] = []
         labels_all: list[list[int]] = []
         status: list[int] = []
+        seen_ids: dict[Any, str] = {}
+        duplicates: list[str] = []
         for name in files:
             for rec in tqdm(read_records(name), desc=f"tokenizing {name}", unit=" rec", mininterval=2,
                             disable=not _is_rank_zero()):
+                rid = rec.data.get("id")
+                if isinstance(rid, (str, int)) and not isinstance(rid, bool):
+                    if rid in seen_ids:
+                        duplicates.append(f"{rec.where} repeats id {rid!r} of {seen_ids[rid]}")
+                    else:
+                        seen_ids[rid] = rec.where
                 if fmt == "auto":
                     fmt = detect_format(rec, self.fields)
                 messages = to_messages(rec, fmt, self.fields, self.system_prompt)
@@ -333,6 +341,12 @@ class InstructionDataModule(LightningDataModule):
                 status.append(st)
         if not status:
             raise UserError(f"no records found in {files}; the files are empty or hold only blank lines")
+        if duplicates:
+            message = (f"{len(duplicates)} record(s) repeat an earlier record's id: {'; '.join(duplicates[:3])}"
+                       f"{' ...' if len(duplicates) > 3 else ''}")
+            if self.strict:
+                raise UserError(f"strict: {message}. Remove the duplicates or give them distinct ids")
+            rank_zero_warn(f"[ftframe] {message} (kept; strict: true makes this an error)")
         lengths = torch.tensor([len(x) for x in ids_all], dtype=torch.long)
         return {
             "input_ids": torch.tensor([t for x in ids_all for t in x], dtype=torch.int32),

@@ -142,3 +142,23 @@ def test_a_full_disk_while_checkpointing_removes_the_partial_folder_and_names_th
     assert sorted(p.name for p in folder.iterdir()) == ["last", "step=000001"]  # no .tmp-step=000002 left
     assert (folder / "last").resolve().name == "step=000001"
     assert (folder / "step=000001" / "adapter_model.safetensors").is_file()
+
+
+def test_a_missing_optional_package_is_named_with_its_install_command(tmp_path, monkeypatch):
+    import builtins
+
+    from ftframe.data.readers import read_records
+    from ftframe.errors import UserError
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError("No module named 'pyarrow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(UserError, match=r"reading Parquet needs pyarrow: pip install pyarrow"):
+        list(read_records(str(path)))

@@ -96,3 +96,19 @@ def test_strict_turns_truncated_and_dropped_records_into_an_error_naming_them(ti
                                         r"dropped at max_length=32: record 2 \(truncated\), record 4 \(prompt alone "
                                         r">= max_length\) \(0-based, in file order\)"):
         strict.setup("fit")
+
+
+def test_duplicate_record_ids_are_reported_and_refused_in_strict_mode(tiny_model, tmp_path):
+    path = tmp_path / "ids.jsonl"
+    records = [{"id": i % 4, "prompt": f"one {i}", "completion": "two"} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    dm = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, cache_dir=str(tmp_path / "c"),
+                               min_supervised_fraction=0)
+    with pytest.warns(UserWarning, match=r"2 record\(s\) repeat an earlier record's id: .*ids.jsonl:5 repeats id 0 of "
+                                         r".*ids.jsonl:1; .*ids.jsonl:6 repeats id 1 of .*ids.jsonl:2 \(kept; strict"):
+        dm.setup("fit")
+    assert dm.stats["train"]["examples"] == 6
+    strict = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, strict=True,
+                                   cache_dir=str(tmp_path / "c"), min_supervised_fraction=0)
+    with pytest.raises(UserError, match=r"strict: 2 record\(s\) repeat an earlier record's id.*give them distinct ids"):
+        strict.setup("fit")
