@@ -245,20 +245,40 @@ def _user_error_in(error: BaseException) -> UserError | None:
     return None
 
 
-def _options_of(cls: type) -> set[str]:
-    """Constructor argument names of ``cls`` and of the classes its ``**kwargs`` reach (its bases)."""
+def _options_of(cls: type) -> dict[str, str]:
+    """Constructor arguments of ``cls`` and of the classes its ``**kwargs`` reach (its bases): name -> annotation."""
     import inspect
 
-    names: set[str] = set()
+    names: dict[str, str] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters
-        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        for n, p in params.items():
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                ann = p.annotation
+                names.setdefault(n, ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", ""))
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             break
     return names
+
+
+def _check_flag_value(where: str, annotation: str, value: str) -> None:
+    """A plain ``int`` / ``float`` / ``bool`` option given a value that is none of those, said in one line."""
+    optional = annotation.endswith(" | None")
+    kind = annotation.removesuffix(" | None")
+    if optional and value.lower() in ("null", "none"):
+        return
+    readers = {"int": int, "float": float,
+               "bool": lambda v: {"true": True, "false": False, "1": True, "0": False}[v.lower()]}
+    if kind not in readers:
+        return
+    try:
+        readers[kind](value)
+    except (ValueError, KeyError):
+        words = {"int": "a whole number", "float": "a number", "bool": "true or false"}
+        raise UserError(f"{where}={value}: expected {words[kind]}{' (or null)' if optional else ''}") from None
 
 
 def _resolve_class(value: str, package: Any) -> type | None:
@@ -317,6 +337,7 @@ def _check_option_names(argv: list[str]) -> None:
             for name, (k, _) in entries.items():  # checked against the class in effect after this file
                 found.append((classes[section], name, f"{file}:{k.start_mark.line + 1}: {section}.{name}"))
     flags: list[tuple[str, str, str]] = []
+    values: list[tuple[str, str, str, str]] = []
     for i, arg in enumerate(argv):
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
             if arg.split("=", 1)[0] in ("--model", "--data") and (i + 1 < len(argv) or "=" in arg):
@@ -328,6 +349,9 @@ def _check_option_names(argv: list[str]) -> None:
         name = rest.split(".", 1)[0]
         if section in classes and name not in ("init_args", "class_path", "help", "dict_kwargs"):
             flags.append((section, name, f"--{section}.{name}"))
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if value is not None and "." not in rest:
+                values.append((section, name, f"--{section}.{name}", value))
     found += [(classes[section], name, where) for section, name, where in flags]  # the final classes
     for cls, name, where in found:
         section = where.rsplit(" ", 1)[-1].lstrip("-").split(".", 1)[0]
@@ -339,6 +363,10 @@ def _check_option_names(argv: list[str]) -> None:
         close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else f"its options: {', '.join(sorted(valid))}"
         raise UserError(f"{where}: {cls.__name__} has no option {name!r}; {hint}")
+    for section, name, where, value in values:
+        cls = classes[section]
+        if cls is not None and name in _options_of(cls):
+            _check_flag_value(where, _options_of(cls)[name], value)
 
 
 def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) -> None:
