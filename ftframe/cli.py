@@ -427,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FTFRAME_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    if "--strict" in argv and argv and argv[0] in ("fit", "validate", "test", "predict", "inspect-data"):
+        # every skip-with-count of the data becomes an error (the data module's strict option)
+        argv = [a if a != "--strict" else "--data.strict=true" for a in argv]
     if from_sys:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; hand it the arguments without --debug
     try:

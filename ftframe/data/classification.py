@@ -91,6 +91,8 @@ class ClassificationDataModule(LightningDataModule):
         test_size: Same, for the test split when ``test_files`` is unset (``0``: no test split).
         empty_text: What to do with a record whose text is empty: ``skip`` it (counted and reported) or ``error``.
         max_length: Longest tokenized example; longer ones are truncated (counted and reported).
+        strict: Turn every skip-with-count into an error: an empty text (as ``empty_text: error``) or an example
+            longer than ``max_length`` stops set-up.
         batch_size: Training batch size.
         eval_batch_size: Validation / test batch size (``None`` = ``batch_size``).
         group_by_length: Batch examples of similar length together (less padding), in shuffled order.
@@ -119,8 +121,12 @@ class ClassificationDataModule(LightningDataModule):
         pad_to_multiple_of: int | None = 8,
         num_workers: int = 0,
         seed: int = 42,
+        strict: bool = False,
     ) -> None:
         super().__init__()
+        self.strict = strict
+        if strict:
+            empty_text = "error"
         self.train_files = _as_list(train_files)
         self.val_files = _as_list(val_files)
         self.test_files = _as_list(test_files)
@@ -361,6 +367,9 @@ class ClassificationDataModule(LightningDataModule):
         counts = Counter(labels)
         assert self.label_names is not None
         dist = ", ".join(f"{name} {counts[i]}" for i, name in enumerate(self.label_names))
+        if self.strict and truncated:
+            raise UserError(f"strict: {truncated} {split} example(s) are longer than max_length={self.max_length} "
+                            "tokens and would be truncated; raise max_length or leave strict off to truncate and count")
         self.stats[split] = {"examples": len(ids), "truncated": truncated, "labels": dict(counts)}
         rank_zero_info(f"[ftframe] {split}: {len(ids)} examples ({dist}); {truncated} truncated to max_length="
                        f"{self.max_length}")

@@ -63,6 +63,8 @@ CASES = [
      r"val_size=100.0 leaves no training records out of 8"),
     ("missing-checkpoint", "d.jsonl", _jsonl([GOOD] * 8), ["--ckpt_path=no/such/checkpoint"],
      r"--ckpt_path no/such/checkpoint does not exist\. Checkpoints are folders like"),
+    ("cli-strict", "d.jsonl", _jsonl([GOOD] * 7 + [{"instruction": "a", "output": "b c " * 200}]),
+     ["--strict", "--data.max_length=32"], r"strict: 1 train record\(s\) of .* would be truncated or dropped"),
     ("strict-truncation", "d.jsonl", _jsonl([GOOD] * 7 + [{"instruction": "a", "output": "b c " * 200}]),
      ["--data.strict=true", "--data.max_length=32"], r"strict: 1 train record\(s\) of .* would be truncated"),
 ]

@@ -112,3 +112,25 @@ def test_duplicate_record_ids_are_reported_and_refused_in_strict_mode(tiny_model
                                    cache_dir=str(tmp_path / "c"), min_supervised_fraction=0)
     with pytest.raises(UserError, match=r"strict: 2 record\(s\) repeat an earlier record's id.*give them distinct ids"):
         strict.setup("fit")
+
+
+def test_strict_classification_data_refuses_empty_texts_and_truncation(tiny_model, tmp_path):
+    from ftframe.data import ClassificationDataModule
+
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"text": f"one two {i}", "label": ["good", "bad"][i % 2]} for i in range(10)]
+    rows[3]["text"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lenient = ClassificationDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, test_size=0)
+    lenient.setup("fit")
+    assert lenient.stats["train"]["examples"] == 9
+    strict = ClassificationDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, test_size=0,
+                                      strict=True)
+    with pytest.raises(UserError, match=r"reviews.jsonl:4"):
+        strict.setup("fit")
+    rows[3]["text"] = "one two " * 50
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    strict = ClassificationDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, test_size=0,
+                                      max_length=16, strict=True)
+    with pytest.raises(UserError, match=r"strict: 1 train example\(s\) are longer than max_length=16 tokens"):
+        strict.setup("fit")
