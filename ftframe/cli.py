@@ -371,8 +371,6 @@ def _check_option_names(argv: list[str]) -> None:
 
 def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) -> None:
     """Reject an unknown ``--model``/``--data`` class early, listing the classes ftframe ships."""
-    import importlib
-
     known = sorted(n for n in package.__all__ if isinstance(getattr(package, n), type)
                    and issubclass(getattr(package, n), base) and getattr(package, n) is not base)
     for i, arg in enumerate(argv):
@@ -384,14 +382,8 @@ def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) ->
             continue
         if value.startswith(("{", "-")) or value.endswith((".yaml", ".yml", ".json")):
             continue  # a config dict or file: jsonargparse validates it
-        cls = getattr(package, value, None)
-        if cls is None and "." in value:
-            module, _, name = value.rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module), name, None)
-            except ImportError:
-                cls = None
-        if not (isinstance(cls, type) and issubclass(cls, base)):
+        cls = _resolve_class(value, package)
+        if not (cls is not None and issubclass(cls, base)):
             raise UserError(f"{flag} {value!r} is not a {base.__name__} subclass. ftframe's: {known} "
                             f"(short or as {package.__name__}.NAME); your own: its import path, e.g. my_pkg.MyMethod, "
                             f"of a class that subclasses {base.__module__}.{base.__name__}")
