@@ -128,6 +128,12 @@ def _read_csv(path: Path) -> Iterator[Record]:
                 if None in row:  # more cells than header columns
                     raise UserError(f"{path}:{reader.line_num}: row has more cells than the {len(header)} header "
                                     "columns; quote cells containing commas")
+                missing = [k for k in header if row.get(k) is None]
+                if missing and any("\n" in (v or "") for v in row.values()):
+                    # a short row whose quoted cell ran over line ends: an unclosed quote, not a missing field
+                    raise UserError(f"{path}:{reader.line_num}: row has {len(header) - len(missing)} cell(s), the "
+                                    f"header {len(header)} (no {missing}); an unclosed quote (\") may have joined the "
+                                    "following lines into one cell")
                 yield Record(dict(row), str(path), reader.line_num)
     except UnicodeDecodeError as e:
         raise _decode_error(path, e) from None

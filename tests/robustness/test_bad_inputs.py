@@ -32,6 +32,8 @@ CASES = [
     ("unsupported-extension", "d.txt", b"hello\n", [], r"data file .*d.txt' has an unsupported extension"),
     ("csv-extra-cells", "d.csv", b"instruction,output\na,b,c\n", [],
      r"d.csv:2: row has more cells than the 2 header columns; quote cells containing commas"),
+    ("csv-unclosed-quote", "d.csv", b'instruction,output\n"a, b\nc,d\n', [],
+     r"d.csv:3: row has 1 cell\(s\), the header 2 \(no \['output'\]\); an unclosed quote \(\"\) may have joined"),
     ("json-not-records", "d.json", b'{"rows": 3}', [], r"d.json: expected a JSON array of records"),
     ("unknown-data-option", "d.jsonl", _jsonl([GOOD] * 8), ["--data.max_lenght=64"],
      r"--data.max_lenght: InstructionDataModule has no option 'max_lenght'; did you mean max_length\?"),
