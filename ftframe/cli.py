@@ -364,9 +364,9 @@ def _check_option_names(argv: list[str]) -> None:
         hint = f"did you mean {' or '.join(close)}?" if close else f"its options: {', '.join(sorted(valid))}"
         raise UserError(f"{where}: {cls.__name__} has no option {name!r}; {hint}")
     for section, name, where, value in values:
-        cls = classes[section]
-        if cls is not None and name in _options_of(cls):
-            _check_flag_value(where, _options_of(cls)[name], value)
+        options = _options_of(classes[section]) if classes[section] is not None else {}
+        if name in options:
+            _check_flag_value(where, options[name], value)
 
 
 def _check_class_choice(argv: list[str], flag: str, base: type, package: Any) -> None:

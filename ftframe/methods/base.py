@@ -466,8 +466,8 @@ class FineTuneModule(LightningModule):
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
         bad_grads = False
         if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:  # (fp16's scaler skips infs)
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-            bad_grads = not bool(finite)
+            # one fused norm over all gradients (inf/NaN anywhere makes it non-finite), one host sync per step
+            bad_grads = not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
             if shards_parameters(self.trainer):  # each rank checked its shard of the gradients
                 bad_grads = self._any_rank(bad_grads)
         local_ids, self._step_ids = self._step_ids, []
