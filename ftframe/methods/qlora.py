@@ -21,7 +21,7 @@ from ftframe.methods.base import FineTuneModule
 from ftframe.methods.lora import lora_config
 from ftframe.models import DTYPES, load_model, resolve_model
 
-__all__ = ["BASE_QUANTIZATION_FILE", "QLoRA", "keep_trainable_layout", "loftq_initialize"]
+__all__ = ["BASE_QUANTIZATION_FILE", "QLoRA", "keep_trainable_layout", "loftq_initialize", "nf4_config"]
 
 
 class QLoRA(FineTuneModule):
@@ -79,18 +79,10 @@ class QLoRA(FineTuneModule):
 
     def quantization_config(self) -> Any:
         """The ``BitsAndBytesConfig`` the base is loaded with."""
-        from transformers import BitsAndBytesConfig
-
         storage = self.quant_storage
         if storage == "auto":
             storage = self._sharded_dtype() or "uint8"
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
-            bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else DTYPES[storage],
-        )
+        return nf4_config(self.quant_type, self.double_quant, self.compute_dtype, storage)
 
     def _sharded_dtype(self) -> str | None:
         """Under FSDP: the dtype FSDP computes in, which every frozen weight is stored in; else ``None``.
@@ -162,6 +154,19 @@ class QLoRA(FineTuneModule):
                     "why": "LoftQ-initialized LoRA factors correct the 4-bit base's quantization error; load the "
                            "base quantized with this config, not in full precision"}
             (Path(directory) / BASE_QUANTIZATION_FILE).write_text(json.dumps(base, indent=2))
+
+
+def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str) -> Any:
+    """A 4-bit ``BitsAndBytesConfig`` (what QLoRA trains on, and what ``ftframe merge`` rebuilds to dequantize)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8" else DTYPES[quant_storage],
+    )
 
 
 #: Written next to an adapter that must be applied to a quantized base (LoftQ); read by ``ftframe generate``.

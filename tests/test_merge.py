@@ -1,0 +1,248 @@
+"""``ftframe merge``: merged folders compute what base + adapter computed; combining LoRA adapters; bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftframe.cli import main
+from ftframe.errors import UserError
+from ftframe.merge import DEFAULT_PROMPTS, MERGE_REPORT, logits_diff, merge, read_trained
+from tests.helpers import tiny_fit_args
+
+#: a learning rate far above a real run's, so 3 steps move the adapter well away from its (identity) start
+FAST = ("--model.learning_rate=0.05", "--model.warmup_steps=0")
+
+
+def _train(tiny_model, tiny_data, tmp_path, method, *extra, steps=3):
+    out = tmp_path / f"{method}-adapter"
+    main(tiny_fit_args(tiny_model, tiny_data, tmp_path / method, out, f"--model={method}", *FAST, *extra,
+                       steps=steps))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tiny_data, tmp_path_factory):
+    """One trained folder per mergeable method (module scope: trained once)."""
+    root = tmp_path_factory.mktemp("merge")
+    return {
+        "LoRA": _train(tiny_model, tiny_data, root, "LoRA"),
+        "DoRA": _train(tiny_model, tiny_data, root, "DoRA"),
+        "IA3": _train(tiny_model, tiny_data, root, "IA3"),
+        # compute in float32: the reference is then the 4-bit base + adapter without bf16 rounding
+        "QLoRA": _train(tiny_model, tiny_data, root, "QLoRA", "--model.compute_dtype=float32"),
+    }
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("method", ["LoRA", "DoRA", "IA3", "QLoRA"])
+def test_merged_folder_computes_base_plus_adapter(trained, tiny_model, tmp_path, method):
+    from ftframe.generate import Generator
+    from ftframe.merge import load_unmerged
+
+    out = tmp_path / "merged"
+    report = merge(adapter=str(trained[method]), output=str(out))
+    # a plain transformers folder: no peft files, safetensors weights, config, generation config, tokenizer
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", MERGE_REPORT} <= names
+    assert not names & {"adapter_config.json", "adapter_model.safetensors"}
+    merged = _load(out)
+    unmerged, _ = load_unmerged(read_trained(str(trained[method])))
+    tok = Generator(model=str(out)).tokenizer
+    diff = logits_diff(merged, unmerged.eval(), tok, DEFAULT_PROMPTS)
+    assert diff["max_abs_diff"] < 1e-4, diff
+    assert diff["top1_agreement"] == 1.0
+    assert report["written_logits"]["max_abs_diff"] == pytest.approx(diff["max_abs_diff"], abs=1e-6)
+    # the adapter matters: the merged model is far from the base alone (so the check above can fail)
+    base = _load(tiny_model)
+    assert logits_diff(merged, base, tok, DEFAULT_PROMPTS)["max_abs_diff"] > 1e-2
+    saved = json.loads((out / MERGE_REPORT).read_text())
+    assert saved["method"] == method and saved["dtype"] == "float32"
+    assert saved["dequantized_4bit_base"] is (method == "QLoRA")
+
+
+def test_qlora_merges_onto_the_dequantized_base_not_the_original(trained, tiny_model, tmp_path):
+    """The merged weights are dequant(quant(W)) + update: what the adapter was trained with, in float32."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = tmp_path / "merged"
+    report = merge(adapter=str(trained["QLoRA"]), output=str(out))
+    assert "dequantized" in report["note"]
+    merged = _load(out)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quant, dtype=torch.float32)
+    # an untargeted weight (the norm) is the base's; a targeted one differs from the original by the update only
+    o_proj = q.model.layers[0].self_attn.o_proj.weight
+    dequantized = bnb.functional.dequantize_4bit(o_proj.data, o_proj.quant_state).float()
+    original = _load(tiny_model).model.layers[0].self_attn.o_proj.weight
+    merged_w = merged.model.layers[0].self_attn.o_proj.weight
+    from safetensors.torch import load_file
+
+    lora = load_file(str(trained["QLoRA"] / "adapter_model.safetensors"))
+    a = next(v for k, v in lora.items() if "layers.0.self_attn.o_proj.lora_A" in k)
+    b = next(v for k, v in lora.items() if "layers.0.self_attn.o_proj.lora_B" in k)
+    cfg = json.loads((trained["QLoRA"] / "adapter_config.json").read_text())
+    update = b.float() @ a.float() * (cfg["lora_alpha"] / cfg["r"])
+    assert torch.allclose(merged_w, dequantized + update, atol=1e-6)
+    assert (merged_w - (original + update)).abs().max() > 1e-3  # not merged onto the original weights
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sixteen_bit_output_is_saved_in_that_dtype_and_checked(trained, tmp_path, dtype):
+    out = tmp_path / dtype
+    report = merge(adapter=str(trained["LoRA"]), output=str(out), dtype=dtype)
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == dtype
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+    assert report["merge_logits"]["max_abs_diff"] < 1e-4  # the merge itself is float32
+    assert 0 < report["written_logits"]["max_abs_diff"] <= report["tolerance"]
+
+
+def test_a_difference_over_the_tolerance_writes_nothing(trained, tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(UserError, match=r"differ from the unmerged model's by up to .* nothing was written"):
+        merge(adapter=str(trained["LoRA"]), output=str(out), dtype="bfloat16", tolerance=1e-9)
+    assert not out.exists() and not (tmp_path / "merged.tmp").exists()
+
+
+def test_existing_output_is_kept_unless_overwrite(trained, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match=r"--output .* exists; .* --overwrite true"):
+        merge(adapter=str(trained["LoRA"]), output=str(out))
+    assert (out / "keep.txt").read_text() == "x"
+    merge(adapter=str(trained["LoRA"]), output=str(out), overwrite=True)
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------- combining
+@pytest.fixture(scope="module")
+def two_loras(tiny_model, tiny_data, tmp_path_factory):
+    """Two LoRA adapters on the same base trained on different data (and seeds)."""
+    root = tmp_path_factory.mktemp("combine")
+    other = root / "other.jsonl"
+    rows = [json.loads(line) for line in Path(tiny_data).read_text().splitlines()]
+    other.write_text("".join(json.dumps({"id": r["id"], "prompt": r["completion"], "completion": r["prompt"]}) + "\n"
+                             for r in rows))
+    first = _train(tiny_model, tiny_data, root, "LoRA")
+    second_root = root / "second"
+    second = second_root / "adapter"
+    main(tiny_fit_args(tiny_model, str(other), second_root, second, "--model=LoRA", "--seed_everything=7", *FAST,
+                       steps=3))
+    return first, second
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties", "dare_linear", "dare_ties", "svd"])
+def test_combined_adapter_loads_in_plain_peft(two_loras, tiny_model, tmp_path, combination):
+    from peft import PeftModel
+
+    out = tmp_path / "combined"
+    report = merge(adapters=[str(p) for p in two_loras], output=str(out), combination=combination,
+                   weights=[0.7, 0.5])
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert report["reload_logits"]["max_abs_diff"] < 1e-5
+    combined = PeftModel.from_pretrained(_load(tiny_model), str(out)).eval()
+    first = PeftModel.from_pretrained(_load(tiny_model), str(two_loras[0])).eval()
+    second = PeftModel.from_pretrained(_load(tiny_model), str(two_loras[1])).eval()
+    tok = read_trained(str(out))  # the folder is a complete trained folder: metadata and tokenizer too
+    assert tok.method == "LoRA" and (out / "tokenizer.json").is_file()
+    from ftframe.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(out))
+    # a real mix: different from each input
+    assert logits_diff(combined, first, tokenizer, DEFAULT_PROMPTS)["max_abs_diff"] > 1e-3
+    assert logits_diff(combined, second, tokenizer, DEFAULT_PROMPTS)["max_abs_diff"] > 1e-3
+    meta = json.loads((out / "ftframe.json").read_text())
+    assert meta["combined"]["combination"] == combination and meta["combined"]["weights"] == [0.7, 0.5]
+
+
+def test_svd_combination_is_the_weighted_sum_of_updates(two_loras, tmp_path):
+    """With the rank kept at the sum of the inputs' ranks, svd is exact: delta = w1 * delta1 + w2 * delta2."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "combined"
+    r = read_trained(str(two_loras[0])).peft_config["r"]
+    merge(adapters=[str(p) for p in two_loras], output=str(out), combination="svd", weights=[0.7, 0.5],
+          svd_rank=2 * r)
+
+    def delta(folder, module="layers.0.self_attn.q_proj"):
+        cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+        w = load_file(str(Path(folder) / "adapter_model.safetensors"))
+        a = next(v for k, v in w.items() if f"{module}.lora_A" in k)
+        b = next(v for k, v in w.items() if f"{module}.lora_B" in k)
+        return b @ a * (cfg["lora_alpha"] / cfg["r"])
+
+    expected = 0.7 * delta(two_loras[0]) + 0.5 * delta(two_loras[1])
+    assert torch.allclose(delta(out), expected, atol=1e-5)
+
+
+def test_combination_errors(two_loras, trained, tmp_path):
+    a, b = (str(p) for p in two_loras)
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--adapters", f"[{a}, {b}]", "--combination", "tie", f"--output={tmp_path / 'x'}"])
+    assert e.value.code == 2
+    with pytest.raises(UserError, match=r"--combination 'tie' is unknown; did you mean 'ties'"):
+        merge(adapters=[a, b], output=str(tmp_path / "x"), combination="tie")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"--weights has 1 values for 2 adapters"):
+        merge(adapters=[a, b], output=str(tmp_path / "x"), weights=[1.0])
+    with pytest.raises(UserError, match=r"is a IA3 adapter; combining works on LoRA adapters"):
+        merge(adapters=[a, str(trained["IA3"])], output=str(tmp_path / "x"))
+    with pytest.raises(UserError, match=r"either --adapter FOLDER .* or --adapters"):
+        merge(adapter=a, adapters=[a, b], output=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_combining_adapters_of_different_bases_is_refused(two_loras, tmp_path):
+    other = tmp_path / "other-base"
+    import shutil
+
+    shutil.copytree(two_loras[1], other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some/other-model"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"were trained on different bases"):
+        merge(adapters=[str(two_loras[0]), str(other)], output=str(tmp_path / "x"))
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+def test_adapter_base_mismatch_is_a_clear_error(trained, tmp_path):
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "wider", hidden_size=96)
+    with pytest.raises(UserError, match=r"was trained on .* it does not fit the base"):
+        merge(adapter=str(trained["LoRA"]), model=str(other), output=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_unmergeable_methods_say_why(tiny_model, tiny_data, tmp_path):
+    prompt = _train(tiny_model, tiny_data, tmp_path, "PromptTuning", steps=1)
+    with pytest.raises(UserError, match=r"PROMPT_TUNING adapter: it learns virtual tokens .* cannot be merged"):
+        merge(adapter=str(prompt), output=str(tmp_path / "x"))
+    bottleneck = _train(tiny_model, tiny_data, tmp_path, "BottleneckAdapters", steps=1)
+    with pytest.raises(UserError, match=r"bottleneck adapters: .* nothing to merge"):
+        merge(adapter=str(bottleneck), output=str(tmp_path / "y"))
+    with pytest.raises(UserError, match=r"--adapter .* is not a folder"):
+        merge(adapter=str(tmp_path / "missing"), output=str(tmp_path / "z"))
+
+
+def test_merge_cli_writes_and_reports(trained, tmp_path, capsys):
+    out = tmp_path / "merged"
+    main(["merge", f"--adapter={trained['DoRA']}", f"--output={out}"])
+    printed = capsys.readouterr().out
+    assert "max abs diff" in printed and f"merged model written to {out}" in printed
+    assert (out / "model.safetensors").is_file()
