@@ -243,3 +243,23 @@ def test_scoring_from_a_callback_uses_the_model_being_trained(tiny_model, tiny_d
     assert any(p.dtype == torch.bfloat16 for p in module.model.parameters())  # frozen weights were 16-bit
     assert len(seen) == 2 and all(math.isfinite(p) for _, p in seen)
     assert seen[0][0] != seen[1][0]  # the second call sees the weights the step changed
+
+
+def test_loss_task_is_the_validation_loss_of_a_run(tiny_model, tiny_data, tmp_path):
+    """``ftframe evaluate --task loss --split val`` scores the held-out examples as ``ftframe validate`` does."""
+    from ftframe.cli import FTFrameCLI
+    from ftframe.evaluation.run import evaluate
+
+    cli = FTFrameCLI(args=["validate", f"--model.model_name={tiny_model}", "--model=FullFineTune",
+                           f"--data.train_files={tiny_data}", f"--data.cache_dir={tmp_path / 'c'}",
+                           "--data.val_size=8", "--trainer.accelerator=cpu", "--trainer.logger=false",
+                           f"--trainer.default_root_dir={tmp_path}", "--adapter.save_on_fit_end=false"])
+    val_loss = float(cli.trainer.callback_metrics["val/loss"])
+    report = evaluate(task="loss", data=tiny_data, model=tiny_model, split="val", val_size=8,
+                      output=str(tmp_path / "eval"))
+    assert report["results"]["loss"] == pytest.approx(val_loss, rel=1e-5)
+    assert report["results"]["examples"] == 8 and report["results"]["tokens"] > 8
+    assert "| loss (NLL / token) |" in (tmp_path / "eval" / "results.md").read_text()
+    train = evaluate(task="loss", data=tiny_data, model=tiny_model, split="train", val_size=8,
+                     output=str(tmp_path / "eval2"))
+    assert train["results"]["examples"] == 40

@@ -246,3 +246,69 @@ def test_merge_cli_writes_and_reports(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "max abs diff" in printed and f"merged model written to {out}" in printed
     assert (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- evaluation gate
+def _gate(tmp_path, tiny_data, max_drop, on_fail="refuse"):
+    path = tmp_path / "gate.yaml"
+    path.write_text(f"on_fail: {on_fail}\nevaluations:\n  - task: loss\n    data: {tiny_data}\n    split: val\n"
+                    f"    val_size: 8\n    max_drop: {max_drop}\n")
+    return str(path)
+
+
+def test_gate_passes_a_faithful_merge_and_records_it(trained, tiny_data, tmp_path):
+    out = tmp_path / "merged"
+    report = merge(adapter=str(trained["LoRA"]), output=str(out), eval=_gate(tmp_path, tiny_data, 1e-4))
+    gate = json.loads((out / MERGE_REPORT).read_text())["eval_gate"]
+    assert gate["passed"] and report["eval_gate"]["passed"]
+    (row,) = gate["evaluations"]
+    assert row["metric"] == "loss" and row["candidate"] == pytest.approx(row["compared_with"], rel=1e-5)
+
+
+def test_gate_refuses_or_marks_a_combination_that_loses_a_task(two_loras, tiny_data, tmp_path):
+    """The second adapter was trained on reversed pairs: adding it costs the first task's loss."""
+    a, b = (str(p) for p in two_loras)
+    out = tmp_path / "combined"
+    with pytest.raises(UserError, match=r"evaluation gate FAILED(.|\n)*nothing was written"):
+        merge(adapters=[a, b], output=str(out), combination="cat", eval=_gate(tmp_path, tiny_data, 0.0))
+    assert not out.exists() and not (tmp_path / "combined.tmp").exists()
+    report = merge(adapters=[a, b], output=str(out), combination="cat",
+                   eval=_gate(tmp_path, tiny_data, 0.0, on_fail="mark"))
+    assert out.is_dir() and not report["eval_gate"]["passed"]
+    (row,) = report["eval_gate"]["evaluations"]
+    assert set(row["references"]) == {a, b}
+    assert row["compared_with"] == min(row["references"].values())  # the better input, for a loss
+    assert row["candidate"] > row["compared_with"]
+
+
+def test_gate_compare_directions():
+    from ftframe.gate import EvalGate
+
+    gate = EvalGate([{"name": "acc", "metric": "acc", "max_drop": 0.02},
+                     {"name": "ppl", "metric": "perplexity", "max_drop": 0.05}])
+    ok = gate.compare({"acc": 0.49, "ppl": 10.4}, {"unmerged": {"acc": 0.5, "ppl": 10.0}})
+    assert ok.passed  # one point of accuracy lost (budget 2), perplexity 4 % higher (budget 5 %)
+    bad = gate.compare({"acc": 0.47, "ppl": 10.6}, {"unmerged": {"acc": 0.5, "ppl": 10.0}})
+    assert [r["passed"] for r in bad.rows] == [False, False]
+    assert "FAIL" in bad.markdown()
+    better = gate.compare({"acc": 0.9, "ppl": 5.0}, {"unmerged": {"acc": 0.5, "ppl": 10.0}})
+    assert better.passed and better.rows[0]["drop"] < 0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("evaluations:\n  - task: loss\n    dta: gsm8k\n    max_drop: 0.1\n", r"evaluations\[0\]: unknown key 'dta'; did you mean 'data'"),
+    ("evaluations:\n  - task: loss\n    data: gsm8k\n", r"evaluations\[0\]: 'max_drop' is required"),
+    ("on_fail: warn\nevaluations:\n  - {task: loss, max_drop: 0.1}\n", r"on_fail 'warn' must be 'refuse' or 'mark'"),
+    ("evaluations:\n  - {task: loss, metric: accuracy, max_drop: 0.1}\n", r"metric 'accuracy' is not one of"),
+    ("evaluations: []\n", r"non-empty list 'evaluations'"),
+    ("evaluations:\n  - {task: loss, max_drop: -1}\n", r"max_drop must be a number >= 0"),
+])
+def test_gate_file_errors_name_the_file_and_key(tmp_path, text, message):
+    from ftframe.gate import EvalGate
+
+    path = tmp_path / "gate.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        EvalGate.from_file(path)
+    with pytest.raises(UserError, match=r"--eval .*missing.yaml: no such file"):
+        EvalGate.from_file(tmp_path / "missing.yaml")
