@@ -31,6 +31,12 @@ GPU_ONLY = {"fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "ddp_2n
 def test_every_config_parses_and_instantiates(path, tiny_model):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ftframe "), f"{path} must open with the command that runs it"
+    if path.parent.name == "eval":  # an evaluation gate (ftframe merge/export --eval), not a training config
+        from ftframe.gate import EvalGate
+
+        gate = EvalGate.from_file(path)
+        assert gate.evaluations and f"--eval configs/eval/{path.name}" in first
+        return
     args = ["--config", str(path), f"--model.init_args.model_name={tiny_model}"]
     if path.parent.name == "strategy" and path.name in GPU_ONLY and not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"configs/strategy/ddp\.yaml"):
