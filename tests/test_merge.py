@@ -312,3 +312,28 @@ def test_gate_file_errors_name_the_file_and_key(tmp_path, text, message):
         EvalGate.from_file(path)
     with pytest.raises(UserError, match=r"--eval .*missing.yaml: no such file"):
         EvalGate.from_file(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------------------------------------- default model
+@pytest.mark.slow
+def test_merge_on_the_default_model(tmp_path):
+    """A LoRA adapter on SmolLM2-135M-Instruct (GGUF asset) merges into a folder transformers loads on its own."""
+    from tests.conftest import real_assets_available
+
+    if not real_assets_available():
+        pytest.skip("run `ftframe download` first (.ci/run does)")
+    adapter = tmp_path / "adapter"
+    main(["fit", "--model.model_name=smollm2-135m-instruct", "--data.train_files=gsm8k", "--data.val_size=8",
+          "--data.max_train_examples=16", "--data.max_length=128", f"--data.cache_dir={tmp_path / 'c'}",
+          "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
+          "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+          "--model.learning_rate=0.01", "--model.warmup_steps=0", f"--adapter.dirpath={adapter}"])
+    out = tmp_path / "merged"
+    report = merge(adapter=str(adapter), output=str(out))
+    assert report["written_logits"]["max_abs_diff"] < 1e-3 and report["written_logits"]["top1_agreement"] == 1.0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # no peft, no ftframe
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and model.config.model_type == "llama"
+    assert model.generation_config is not None and (out / "generation_config.json").is_file()
