@@ -195,11 +195,43 @@ def _tool(fn: Callable[..., Any], name: str) -> Callable[[list[str]], Any]:
                                 default_config_files=[])
         parser.add_argument("--config", action="config", help="YAML file with these options")
         parser.add_function_arguments(fn, as_group=False)
-        cfg = parser.parse_args(argv)
+        cfg = parser.parse_args(_space_separated_lists(fn, argv))
         kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "__default_config__")}
         return fn(**kwargs)
 
     return run
+
+
+def _space_separated_lists(fn: Callable[..., Any], argv: list[str]) -> list[str]:
+    """Let a list option take space-separated values (``--adapters A B``) besides a list (``--adapters '[A, B]'``)."""
+    import typing
+
+    element: dict[str, type] = {}
+    for name, hint in typing.get_type_hints(fn).items():
+        for arm in typing.get_args(hint) or (hint,):
+            if typing.get_origin(arm) is list:
+                element[f"--{name}"] = (typing.get_args(arm) or (str,))[0]
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        values = []
+        j = i + 1
+        while arg in element and j < len(argv) and not argv[j].startswith("--"):
+            values.append(argv[j])
+            j += 1
+        if len(values) > 1 or (values and not values[0].lstrip().startswith("[")):
+            kind = element[arg]
+            try:
+                items = [kind(v) if kind in (int, float) else v for v in values]
+            except ValueError as e:
+                raise UserError(f"{arg}: {e}; expected {kind.__name__} values") from None
+            out.append(f"{arg}={json.dumps(items)}")
+            i = j
+        else:
+            out.append(arg)
+            i += 1
+    return out
 
 
 def _download(names: str | list[str] | None = None, force: bool = False) -> None:

@@ -240,6 +240,15 @@ def test_unmergeable_methods_say_why(tiny_model, tiny_data, tmp_path):
         merge(adapter=str(tmp_path / "missing"), output=str(tmp_path / "z"))
 
 
+def test_combine_cli_takes_space_separated_lists(two_loras, tmp_path, capsys):
+    out = tmp_path / "combined"
+    main(["merge", "--adapters", *map(str, two_loras), "--weights", "0.5", "1", "--combination", "ties",
+          f"--output={out}"])
+    meta = json.loads((out / "ftframe.json").read_text())["combined"]
+    assert meta["adapters"] == [str(p) for p in two_loras] and meta["weights"] == [0.5, 1.0]
+    assert "combined adapter (r=" in capsys.readouterr().out
+
+
 def test_merge_cli_writes_and_reports(trained, tmp_path, capsys):
     out = tmp_path / "merged"
     main(["merge", f"--adapter={trained['DoRA']}", f"--output={out}"])
