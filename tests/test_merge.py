@@ -34,6 +34,9 @@ def trained(tiny_model, tiny_data, tmp_path_factory):
         "IA3": _train(tiny_model, tiny_data, root, "IA3"),
         # compute in float32: the reference is then the 4-bit base + adapter without bf16 rounding
         "QLoRA": _train(tiny_model, tiny_data, root, "QLoRA", "--model.compute_dtype=float32"),
+        # LoftQ: factors that correct this 4-bit base; the folder records its quantization config
+        "LoftQ": _train(tiny_model, tiny_data, root / "loftq", "QLoRA", "--model.compute_dtype=float32",
+                        "--model.init=loftq"),
     }
 
 
@@ -43,7 +46,7 @@ def _load(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("method", ["LoRA", "DoRA", "IA3", "QLoRA"])
+@pytest.mark.parametrize("method", ["LoRA", "DoRA", "IA3", "QLoRA", "LoftQ"])
 def test_merged_folder_computes_base_plus_adapter(trained, tiny_model, tmp_path, method):
     from ftframe.generate import Generator
     from ftframe.merge import load_unmerged
@@ -65,8 +68,8 @@ def test_merged_folder_computes_base_plus_adapter(trained, tiny_model, tmp_path,
     base = _load(tiny_model)
     assert logits_diff(merged, base, tok, DEFAULT_PROMPTS)["max_abs_diff"] > 1e-2
     saved = json.loads((out / MERGE_REPORT).read_text())
-    assert saved["method"] == method and saved["dtype"] == "float32"
-    assert saved["dequantized_4bit_base"] is (method == "QLoRA")
+    assert saved["method"] == ("QLoRA" if method == "LoftQ" else method) and saved["dtype"] == "float32"
+    assert saved["dequantized_4bit_base"] is (method in ("QLoRA", "LoftQ"))
 
 
 def test_qlora_merges_onto_the_dequantized_base_not_the_original(trained, tiny_model, tmp_path):
