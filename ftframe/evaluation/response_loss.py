@@ -37,7 +37,7 @@ def load_loss_batches(
 
     dm = InstructionDataModule(train_files=data, val_size=0 if split == "all" else val_size, seed=split_seed,
                                tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-                               eval_batch_size=batch_size, packing=False,
+                               eval_batch_size=batch_size,
                                max_train_examples=limit, max_val_examples=limit)
     dm.prepare_data()
     dm.setup("fit")
@@ -70,7 +70,8 @@ def response_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
             loss, weight = task.loss(model, batch)
             total += float(loss) * float(weight)
             tokens += int(weight)
-            examples += int(batch["input_ids"].shape[0])
+            # a packed batch is one row holding every example: count them by id
+            examples += len(batch["example_ids"]) if "example_ids" in batch else int(batch["input_ids"].shape[0])
     finally:
         model.train(was_training)
     mean = total / max(tokens, 1)
