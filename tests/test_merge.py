@@ -349,3 +349,13 @@ def test_merge_on_the_default_model(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and model.config.model_type == "llama"
     assert model.generation_config is not None and (out / "generation_config.json").is_file()
+
+
+def test_docs_list_every_merge_option():
+    import inspect
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "merge.md").read_text()
+    table = doc.split("### Options", 1)[1].split("\n\n", 2)[1]
+    documented = re.findall(r"^\| `--(\w+)` \|", table, flags=re.M)
+    assert documented == list(inspect.signature(merge).parameters)
