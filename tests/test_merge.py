@@ -359,3 +359,24 @@ def test_docs_list_every_merge_option():
     table = doc.split("### Options", 1)[1].split("\n\n", 2)[1]
     documented = re.findall(r"^\| `--(\w+)` \|", table, flags=re.M)
     assert documented == list(inspect.signature(merge).parameters)
+
+
+def test_classifier_adapter_merges_with_its_head(tiny_model, tmp_path):
+    """A LoRA classifier (decoder + fresh head saved with the adapter) merges into a sequence-classification folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.test_classification import _records
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    main(["fit", "--model=LoRA", f"--model.model_name={tiny_model}", "--model.task=SequenceClassification",
+          "--model.learning_rate=0.05", "--data=ClassificationDataModule", f"--data.train_files={data}",
+          "--data.val_size=12", "--data.test_size=12", "--data.batch_size=8", "--trainer.accelerator=cpu",
+          "--trainer.logger=false", "--trainer.max_steps=3", "--trainer.enable_checkpointing=false",
+          f"--trainer.default_root_dir={tmp_path}", f"--adapter.dirpath={adapter}"])
+    out = tmp_path / "merged"
+    report = merge(adapter=str(adapter), output=str(out), prompts=["the film was great", "a dull plot"])
+    assert report["written_logits"]["max_abs_diff"] < 1e-4
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    assert merged.config.id2label == {0: "mid", 1: "neg", 2: "pos"}
