@@ -489,8 +489,9 @@ def combine(
     torch.manual_seed(seed)
     try:
         # "default": peft saves the adapter of that name at the folder's top level, where from_pretrained looks
+        # (reduced SVDs: the factors are cut to svd_rank anyway, and full ones cost minutes on a 135M model)
         peft_model.add_weighted_adapter(names, weights, "default", combination_type=combination,
-                                        svd_rank=svd_rank, density=density)
+                                        svd_rank=svd_rank, density=density, svd_full_matrices=False)
     except (ValueError, TypeError) as e:
         raise UserError(f"peft could not combine the adapters ({combination}): {e}") from None
     peft_model.set_adapter("default")
