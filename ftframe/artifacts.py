@@ -16,15 +16,16 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 
 from ftframe.errors import UserError
 
-__all__ = ["METADATA_FILE", "check_writable", "gather_trained", "log_dir", "metadata", "replace_dir", "write_trained",
-           "writing"]
+__all__ = ["METADATA_FILE", "TrainedFolder", "check_writable", "gather_trained", "log_dir", "metadata", "read_trained",
+           "replace_dir", "write_trained", "writing"]
 
 METADATA_FILE = "ftframe.json"
 
@@ -144,3 +145,96 @@ def _jsonable(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+@dataclass
+class TrainedFolder:
+    """What a folder written by ``ftframe fit`` holds, read from its files (nothing loaded)."""
+
+    path: Path
+    kind: Literal["peft", "bottleneck", "full"]
+    peft_config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None  # the BitsAndBytesConfig of the 4-bit base the adapter was trained on
+
+    @property
+    def base(self) -> str | None:
+        return self.peft_config.get("base_model_name_or_path") or self.metadata.get("model_name")
+
+    @property
+    def method(self) -> str:
+        method = self.metadata.get("method")
+        if method:
+            return method.rsplit(".", 1)[-1]
+        if self.kind == "peft":
+            return "DoRA" if self.peft_config.get("use_dora") else str(self.peft_config.get("peft_type"))
+        return self.kind
+
+    def auto_class(self) -> tuple[Any, dict[str, Any]]:
+        """The transformers auto-class for the task the folder was trained for, and its ``from_pretrained`` kwargs."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        labels = (self.metadata.get("task") or {}).get("labels")
+        if labels:
+            return AutoModelForSequenceClassification, {
+                "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {name: i for i, name in enumerate(labels)}}
+        return AutoModelForCausalLM, {}
+
+
+def read_trained(folder: str, option: str = "--adapter") -> TrainedFolder:
+    """Identify a trained folder: a peft adapter, bottleneck adapters or a full model; errors name ``option``."""
+    from ftframe.methods.bottleneck import CONFIG as BOTTLENECK_CONFIG
+    from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"{option} {folder!r} is not a folder; pass the folder `ftframe fit` wrote "
+                        "(<log_dir>/adapter by default)")
+    meta_file = path / METADATA_FILE
+    metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if (path / "adapter_config.json").is_file():
+        info = TrainedFolder(path, "peft", json.loads((path / "adapter_config.json").read_text()), metadata)
+    elif (path / BOTTLENECK_CONFIG).is_file():
+        # (its config records the base like a peft adapter's does)
+        info = TrainedFolder(path, "bottleneck", json.loads((path / BOTTLENECK_CONFIG).read_text()), metadata)
+    elif (path / "config.json").is_file():
+        info = TrainedFolder(path, "full", {}, metadata)
+    else:
+        raise UserError(f"{option} {folder!r} has none of adapter_config.json (peft adapter), {BOTTLENECK_CONFIG} "
+                        "(bottleneck adapters) or config.json (full model)")
+    quant_file = path / BASE_QUANTIZATION_FILE
+    if quant_file.is_file():  # QLoRA / LoftQ: the exact 4-bit config of the base
+        info.quantization = json.loads(quant_file.read_text())["quantization_config"]
+    elif info.kind == "peft" and _trained_on_4bit(metadata):
+        info.quantization = _qlora_quantization(metadata.get("hparams") or {})
+    return info
+
+
+def _trained_on_4bit(metadata: dict[str, Any]) -> bool:
+    """Whether the method recorded in ``ftframe.json`` is QLoRA or a subclass of it."""
+    import importlib
+
+    from ftframe.methods.qlora import QLoRA
+
+    module, _, name = str(metadata.get("method") or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return name == "QLoRA"
+    return isinstance(cls, type) and issubclass(cls, QLoRA)
+
+
+def _qlora_quantization(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The BitsAndBytesConfig (as a dict) QLoRA trained with, from its saved hyperparameters (defaults where absent)."""
+    import inspect
+
+    from ftframe.methods.qlora import QLoRA, nf4_config
+
+    params = inspect.signature(QLoRA.__init__).parameters
+
+    def get(name: str) -> Any:
+        return hparams.get(name, params[name].default)
+
+    # the storage dtype only packs the same 4-bit values differently: uint8 is the one that runs anywhere
+    return nf4_config(get("quant_type"), get("double_quant"), get("compute_dtype"), "uint8").to_dict()

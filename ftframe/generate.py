@@ -20,8 +20,8 @@ class Generator:
 
     Args:
         adapter: Folder written by ``ftframe fit``: a peft adapter, bottleneck adapters, or a full model folder (full
-            fine-tuning, LastLayers). An adapter saved with ``ftframe_base_quantization.json`` (LoftQ) is applied to
-            the base quantized as that file says.
+            fine-tuning, LastLayers). A QLoRA / LoftQ adapter (``ftframe_base_quantization.json``, or QLoRA recorded
+            in ``ftframe.json``) is applied to the base quantized as in training.
         model: Base model; ``None`` = the base recorded in the adapter folder.
         dtype: dtype to load the weights in.
     """
@@ -29,41 +29,24 @@ class Generator:
     def __init__(self, adapter: str | None = None, model: str | None = None, dtype: DTypeName = "float32") -> None:
         from transformers import AutoModelForCausalLM
 
-        from ftframe.methods.bottleneck import CONFIG as BOTTLENECK_CONFIG
-        from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
+        from ftframe.artifacts import read_trained
 
-        adapter_dir = Path(adapter) if adapter else None
-        if adapter_dir is not None and not adapter_dir.is_dir():
-            raise UserError(f"--adapter {adapter!r} is not a folder; pass the folder `ftframe fit` wrote "
-                            "(<log_dir>/adapter by default)")
         # what the folder holds: a peft adapter, ftframe's bottleneck adapters, or a full model
-        kind = None
-        if adapter_dir is not None:
-            for name, file in (("peft", "adapter_config.json"), ("bottleneck", BOTTLENECK_CONFIG),
-                               ("full", "config.json")):
-                if (adapter_dir / file).is_file():
-                    kind = name
-                    break
-            else:
-                raise UserError(f"--adapter {adapter!r} has none of adapter_config.json (peft adapter), "
-                                f"{BOTTLENECK_CONFIG} (bottleneck adapters) or config.json (full model)")
+        info = read_trained(adapter) if adapter else None
+        adapter_dir = info.path if info is not None else None
+        kind = info.kind if info is not None else None
         if model is None:
-            if kind == "full":
-                model = str(adapter_dir)
-            elif kind is not None:
-                config_file = "adapter_config.json" if kind == "peft" else BOTTLENECK_CONFIG
-                model = json.loads((adapter_dir / config_file).read_text()).get("base_model_name_or_path")
+            model = str(adapter_dir) if kind == "full" else (info.base if info is not None else None)
             if not model:
                 raise UserError("no base model: pass --model (an asset name, folder, .gguf file or hub id)")
         tok_source = str(adapter_dir) if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() \
             else model
         self.tokenizer = load_tokenizer(tok_source, padding_side="left")
-        quant_file = adapter_dir / BASE_QUANTIZATION_FILE if adapter_dir is not None else None
-        if quant_file is not None and quant_file.is_file():
-            # LoftQ adapters correct a specific 4-bit base: rebuild it the same way
+        if info is not None and info.quantization is not None and kind == "peft":
+            # QLoRA / LoftQ adapters were trained on a 4-bit base: rebuild that base, the model that was trained
             from transformers import BitsAndBytesConfig
 
-            quant = BitsAndBytesConfig.from_dict(json.loads(quant_file.read_text())["quantization_config"])
+            quant = BitsAndBytesConfig.from_dict(info.quantization)
             base = load_model(model, AutoModelForCausalLM, dtype=dtype, quantization_config=quant,
                               device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
         else:

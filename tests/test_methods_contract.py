@@ -306,7 +306,7 @@ def test_loftq_is_refused_without_a_quantized_base(tiny_model):
         LoRA(model_name=tiny_model, init="loftq")
 
 
-@pytest.mark.parametrize("name", ["BottleneckAdapters", "LoftQ"])
+@pytest.mark.parametrize("name", ["BottleneckAdapters", "QLoRA", "LoftQ"])
 def test_generate_loads_non_peft_and_quantized_artifacts(name, tiny_model, tiny_data, cache_dir, tmp_path):
     from ftframe.generate import Generator
 
@@ -314,7 +314,7 @@ def test_generate_loads_non_peft_and_quantized_artifacts(name, tiny_model, tiny_
     trainer.fit(module, datamodule=data)
     out = tmp_path / "artifact"
     module.save_trained(out)
-    gen = Generator(adapter=str(out))  # base read from the folder; LoftQ: re-quantized as recorded
+    gen = Generator(adapter=str(out))  # base read from the folder; QLoRA / LoftQ: re-quantized as recorded
     ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(1))
     diff = (_logits(gen.model, ids) - _logits(module.model.eval(), ids)).abs().max().item()
     # bitsandbytes' CPU inference layout computes in bf16 (see docs/methods.md, QLoRA known issues)

@@ -148,12 +148,13 @@ class QLoRA(FineTuneModule):
 
     def save_trained(self, directory: Any, state_dict: Any = None) -> None:
         super().save_trained(directory, state_dict)
-        if self.init == "loftq":
-            # the factors correct *this* 4-bit base: record how to rebuild it, for ftframe generate and users
-            base = {"quantization_config": self.quantization_config().to_dict(),
-                    "why": "LoftQ-initialized LoRA factors correct the 4-bit base's quantization error; load the "
-                           "base quantized with this config, not in full precision"}
-            (Path(directory) / BASE_QUANTIZATION_FILE).write_text(json.dumps(base, indent=2))
+        # the adapter was trained on *this* 4-bit base: record how to rebuild it, for ftframe generate / merge and users
+        why = ("LoftQ-initialized LoRA factors correct the 4-bit base's quantization error" if self.init == "loftq"
+               else "QLoRA trained these LoRA weights on the 4-bit base")
+        base = {"quantization_config": self.quantization_config().to_dict(),
+                "why": f"{why}; load the base quantized with this config to get the trained model (ftframe merge "
+                       "folds the adapter into this base dequantized to float32)"}
+        (Path(directory) / BASE_QUANTIZATION_FILE).write_text(json.dumps(base, indent=2))
 
 
 def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str) -> Any:
@@ -169,7 +170,7 @@ def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, quant_st
     )
 
 
-#: Written next to an adapter that must be applied to a quantized base (LoftQ); read by ``ftframe generate``.
+#: Written next to a QLoRA / LoftQ adapter: the 4-bit base it belongs to; read by ``ftframe generate`` and ``merge``.
 BASE_QUANTIZATION_FILE = "ftframe_base_quantization.json"
 
 
