@@ -19,3 +19,11 @@ def tiny_fit_args(model: str, data: str, tmp_path, adapter, *extra: str, steps: 
             "--data.val_size=8", f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
             f"--adapter.dirpath={adapter}", *extra]
+
+
+def loss_gate(folder, data: str, max_drop: float, on_fail: str = "refuse") -> str:
+    """Write an evaluation gate YAML (``--eval``) on the response loss of ``data``'s 8 held-out examples."""
+    path = folder / "gate.yaml"
+    path.write_text(f"on_fail: {on_fail}\nevaluations:\n  - task: loss\n    data: {data}\n    split: val\n"
+                    f"    val_size: 8\n    max_drop: {max_drop}\n")
+    return str(path)

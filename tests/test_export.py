@@ -13,6 +13,7 @@ import torch
 from ftframe import export as export_module
 from ftframe.errors import UserError
 from ftframe.export import SUPPORTED_MODEL_TYPES, TOLERANCES, check_roundtrip, export, write_gguf
+from tests.helpers import loss_gate
 
 # chat-templated, several tokens each: greedy decoding runs past the prompt's own words
 PROMPTS = ["What is two plus three?", "Hello there, how are you?", "The capital of France is"]
@@ -308,17 +309,10 @@ def test_adapter_is_merged_then_exported(lora, tiny, tmp_path):
     assert against_base["logits_max_abs_diff"] > 10 * against_base["tolerance"]["abs"]
 
 
-def _gate(tmp_path, tiny_data, max_drop, on_fail="refuse"):
-    path = tmp_path / "gate.yaml"
-    path.write_text(f"on_fail: {on_fail}\nevaluations:\n  - task: loss\n    data: {tiny_data}\n    split: val\n"
-                    f"    val_size: 8\n    max_drop: {max_drop}\n")
-    return str(path)
-
-
 def test_gate_passes_a_faithful_export(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "tiny.gguf"
     report = export(model=tiny_model, output=str(out), outtype="f32", prompts=PROMPTS[:1], max_new_tokens=4,
-                    eval=_gate(tmp_path, tiny_data, 1e-4))
+                    eval=loss_gate(tmp_path, tiny_data, 1e-4))
     (row,) = report["eval_gate"]["evaluations"]
     assert report["eval_gate"]["passed"] and row["metric"] == "loss"
     assert row["candidate"] == pytest.approx(row["compared_with"], rel=1e-5)
@@ -330,10 +324,10 @@ def test_gate_refuses_or_marks_a_broken_file(lively_folder, tiny_data, tmp_path,
     monkeypatch.setattr(export_module, "_permute", lambda weights, n_head: weights)
     out = tmp_path / "out" / "tiny.gguf"
     with pytest.raises(UserError, match=r"evaluation gate FAILED(.|\n)*nothing was written"):
-        export(model=lively_folder, output=str(out), check=False, eval=_gate(tmp_path, tiny_data, 0.01))
+        export(model=lively_folder, output=str(out), check=False, eval=loss_gate(tmp_path, tiny_data, 0.01))
     assert list(out.parent.iterdir()) == []
     report = export(model=lively_folder, output=str(out), check=False,
-                    eval=_gate(tmp_path, tiny_data, 0.01, on_fail="mark"))
+                    eval=loss_gate(tmp_path, tiny_data, 0.01, on_fail="mark"))
     assert out.is_file() and not report["eval_gate"]["passed"]
     assert "MARKED: the evaluation gate failed" in capsys.readouterr().out
     assert not json.loads((out.parent / "tiny.gguf.json").read_text())["eval_gate"]["passed"]

@@ -11,7 +11,7 @@ import torch
 from ftframe.cli import main
 from ftframe.errors import UserError
 from ftframe.merge import DEFAULT_PROMPTS, MERGE_REPORT, logits_diff, merge, read_trained
-from tests.helpers import tiny_fit_args
+from tests.helpers import loss_gate, tiny_fit_args
 
 #: a learning rate far above a real run's, so 3 steps move the adapter well away from its (identity) start
 FAST = ("--model.learning_rate=0.05", "--model.warmup_steps=0")
@@ -261,16 +261,9 @@ def test_merge_cli_writes_and_reports(trained, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------- evaluation gate
-def _gate(tmp_path, tiny_data, max_drop, on_fail="refuse"):
-    path = tmp_path / "gate.yaml"
-    path.write_text(f"on_fail: {on_fail}\nevaluations:\n  - task: loss\n    data: {tiny_data}\n    split: val\n"
-                    f"    val_size: 8\n    max_drop: {max_drop}\n")
-    return str(path)
-
-
 def test_gate_passes_a_faithful_merge_and_records_it(trained, tiny_data, tmp_path):
     out = tmp_path / "merged"
-    report = merge(adapter=str(trained["LoRA"]), output=str(out), eval=_gate(tmp_path, tiny_data, 1e-4))
+    report = merge(adapter=str(trained["LoRA"]), output=str(out), eval=loss_gate(tmp_path, tiny_data, 1e-4))
     gate = json.loads((out / MERGE_REPORT).read_text())["eval_gate"]
     assert gate["passed"] and report["eval_gate"]["passed"]
     (row,) = gate["evaluations"]
@@ -282,10 +275,10 @@ def test_gate_refuses_or_marks_a_combination_that_loses_a_task(two_loras, tiny_d
     a, b = (str(p) for p in two_loras)
     out = tmp_path / "combined"
     with pytest.raises(UserError, match=r"evaluation gate FAILED(.|\n)*nothing was written"):
-        merge(adapters=[a, b], output=str(out), combination="cat", eval=_gate(tmp_path, tiny_data, 0.0))
+        merge(adapters=[a, b], output=str(out), combination="cat", eval=loss_gate(tmp_path, tiny_data, 0.0))
     assert not out.exists() and not (tmp_path / "combined.tmp").exists()
     report = merge(adapters=[a, b], output=str(out), combination="cat",
-                   eval=_gate(tmp_path, tiny_data, 0.0, on_fail="mark"))
+                   eval=loss_gate(tmp_path, tiny_data, 0.0, on_fail="mark"))
     assert out.is_dir() and not report["eval_gate"]["passed"]
     (row,) = report["eval_gate"]["evaluations"]
     assert set(row["references"]) == {a, b}
