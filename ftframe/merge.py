@@ -277,6 +277,7 @@ def merge(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _copy_run_files(Path(adapter), tmp)
+    del merged  # the check reads the written folder: at most two copies of the model in memory from here on
     try:
         reloaded = load_model(str(tmp), read_trained(adapter).auto_class()[0], dtype="float32")
         written = logits_diff(reloaded, unmerged, tokenizer, prompts)
