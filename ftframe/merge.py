@@ -326,6 +326,21 @@ def _copy_run_files(source: Path, dest: Path) -> None:
             shutil.copy(source / name, dest / name)
 
 
+def _combine_base(info: TrainedFolder, name: str, auto: Any, kwargs: dict[str, Any]) -> Any:
+    """The base the adapters were trained on, computing in float32: 4-bit as in training for QLoRA adapters."""
+    if info.quantization is None:
+        return load_model(name, auto, dtype="float32", **kwargs)
+    from transformers import BitsAndBytesConfig
+
+    from ftframe.methods.qlora import keep_trainable_layout
+
+    quant = {**info.quantization, "bnb_4bit_compute_dtype": "float32"}
+    base = load_model(name, auto, dtype="float32", quantization_config=BitsAndBytesConfig.from_dict(quant),
+                      device_map={"": _device()}, **kwargs)
+    keep_trainable_layout(base)
+    return base
+
+
 def combine(
     adapters: list[str],
     out: Path,
@@ -358,6 +373,11 @@ def combine(
         if info.kind != "peft" or info.peft_config.get("peft_type") != "LORA" or info.peft_config.get("use_dora"):
             raise UserError(f"--adapters: {info.path} is a {info.method} adapter; combining works on LoRA adapters "
                             "(QLoRA's included), which peft's add_weighted_adapter mixes")
+        if (info.metadata.get("hparams") or {}).get("init") == "loftq":
+            raise UserError(f"--adapters: {info.path} is a LoftQ adapter: its factors start as a correction of the "
+                            "4-bit base's quantization error, which every LoftQ adapter of that base carries; "
+                            "combining them would apply that correction once per adapter. Combine plain LoRA / QLoRA "
+                            "adapters")
     bases = {str(info.path): info.base for info in infos}
     if model is None and len(set(bases.values())) > 1:
         raise UserError(f"--adapters were trained on different bases {bases}: an adapter only fits the base it was "
@@ -380,7 +400,11 @@ def combine(
     print(f"[ftframe] combining {len(adapters)} LoRA adapters ({combination}, weights {weights}) on {name} ...",
           flush=True)
     auto, kwargs = infos[0].auto_class()
-    base = load_model(name, auto, dtype="float32", **kwargs)
+    quantized = {json.dumps(info.quantization, sort_keys=True) for info in infos}
+    if len(quantized) > 1:
+        raise UserError("--adapters were trained on differently stored bases (some on a 4-bit base, some not, or 4-bit "
+                        f"in different ways: {sorted(quantized)}): combine adapters trained on one base")
+    base = _combine_base(infos[0], name, auto, kwargs)
     names = [f"input{i}" for i in range(len(infos))]
     from ftframe.generate import _load_peft
 
@@ -414,11 +438,15 @@ def combine(
                 mock.patch.dict("os.environ", {"HF_HUB_OFFLINE": "1"} if resolve_model(name) != name else {}):
             peft_model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+        from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
+
+        if (infos[0].path / BASE_QUANTIZATION_FILE).is_file():  # QLoRA inputs: the result belongs to the same base
+            shutil.copy(infos[0].path / BASE_QUANTIZATION_FILE, tmp / BASE_QUANTIZATION_FILE)
         metadata = dict(infos[0].metadata)
         metadata.update(combined=report, global_step=None, metrics={})  # method: the inputs' (LoRA / QLoRA)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         # the written folder is what users get: load it with plain peft and check it computes the combined model
-        reloaded = PeftModel.from_pretrained(load_model(name, auto, dtype="float32", **kwargs), str(tmp)).eval()
+        reloaded = PeftModel.from_pretrained(_combine_base(infos[0], name, auto, kwargs), str(tmp)).eval()
         check = logits_diff(reloaded, peft_model, tokenizer, list(prompts or DEFAULT_PROMPTS))
         report["reload_logits"] = check
         print(f"[ftframe] written adapter reloaded with peft: max abs logit diff {check['max_abs_diff']:.3g} vs. the "

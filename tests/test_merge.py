@@ -205,9 +205,26 @@ def test_combination_errors(two_loras, trained, tmp_path):
         merge(adapters=[a, b], output=str(tmp_path / "x"), weights=[1.0])
     with pytest.raises(UserError, match=r"is a IA3 adapter; combining works on LoRA adapters"):
         merge(adapters=[a, str(trained["IA3"])], output=str(tmp_path / "x"))
+    with pytest.raises(UserError, match=r"is a LoftQ adapter: .* would apply that correction once per adapter"):
+        merge(adapters=[a, str(trained["LoftQ"])], output=str(tmp_path / "x"))
     with pytest.raises(UserError, match=r"either --adapter FOLDER .* or --adapters"):
         merge(adapter=a, adapters=[a, b], output=str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_qlora_adapters_combine_on_their_4bit_base(trained, two_loras, tmp_path):
+    """Half of one QLoRA adapter plus half of itself (svd) is that adapter again, on the same 4-bit base."""
+    from ftframe.generate import Generator
+    from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
+
+    q = str(trained["QLoRA"])
+    out = tmp_path / "combined"
+    merge(adapters=[q, q], output=str(out), combination="svd", weights=[0.5, 0.5])
+    assert (out / BASE_QUANTIZATION_FILE).is_file()
+    combined, single = Generator(adapter=str(out)), Generator(adapter=q)
+    assert logits_diff(combined.model, single.model, single.tokenizer, DEFAULT_PROMPTS)["max_abs_diff"] < 1e-4
+    with pytest.raises(UserError, match=r"differently stored bases"):
+        merge(adapters=[q, str(two_loras[0])], output=str(tmp_path / "x"))
 
 
 def test_combining_adapters_of_different_bases_is_refused(two_loras, tmp_path):
