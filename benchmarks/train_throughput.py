@@ -1,6 +1,6 @@
 """Training throughput and memory: ftframe vs. Hugging Face ``Trainer`` + PEFT on the same job, side by side.
 
-    python benchmarks/train_throughput.py                      # CPU: ftframe vs HF fp32 vs HF bf16, 2 rounds
+    python benchmarks/train_throughput.py                      # CPU: ftframe vs the HF configurations, 2 rounds
     python benchmarks/train_throughput.py --ablate             # also ftframe with each speed lever switched off
     python benchmarks/train_throughput.py --device cuda --model llama-1b   # GPU: 1B-class Llama, random weights
 
@@ -9,12 +9,19 @@ question -> answer with loss on the answer only, max length 512, batch 8 (no acc
 lr of 2e-4, seed 0, the same examples in the same order (ftframe's tokenization, so the tokens are identical).
 Each run is a fresh subprocess; runs alternate (A B C, then C B A, ...) so drift of the machine hits every runner alike.
 
+ftframe runs with ``precision: auto`` -- what the device resolution (``ftframe.device``) picks here: bf16-mixed on a
+GPU or a CPU with fast bfloat16, 32-true on other CPUs. The HF baselines are ``Trainer`` in fp32 and with
+``bf16=True``; ``hf-bf16`` runs only where bfloat16 is fast (on an AVX2-only CPU it is ~50x slower per matmul and
+would take hours; ``--only hf-bf16`` forces it). The script prints the CPU capability, each runner's precision and the
+matmul peak of each dtype a runner computes in.
+
 Figures per run:
   * useful tokens/s -- tokens of the examples (no padding) per second over the timed steps (the first
     ``--warmup`` optimizer steps are excluded);
   * peak RSS -- the process's resident-memory high-water mark (loading included, same for all runners);
   * loss/token -- mean cross-entropy per supervised token over all steps (the same examples for every runner);
-  * MFU -- model FLOPs of the job per second over a bf16 matmul peak this script measures on this machine.
+  * MFU -- model FLOPs of the job per second over the matmul peak of the dtype the runner computes in (bf16 for
+    bf16 runners, fp32 for fp32 ones), measured by this script on this machine in a few seconds.
 The table shows each runner's median over rounds and its ratio to the faster HF baseline; ``--json`` writes it all.
 """
 
@@ -64,7 +71,10 @@ def job_examples(args: argparse.Namespace) -> tuple[Any, list[int]]:
 
 
 def model_name(args: argparse.Namespace) -> str:
-    """Resolve ``--model``: the default asset, or ``llama-1b`` (random weights, for GPU MFU)."""
+    """Resolve ``--model``: an asset / folder (``--random-weights``: its architecture, re-initialized), or ``llama-1b``
+    (random weights, for GPU MFU)."""
+    if args.random_weights and args.model != "llama-1b":
+        return random_copy(args.model)
     if args.model != "llama-1b":
         return args.model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -73,13 +83,30 @@ def model_name(args: argparse.Namespace) -> str:
 
     folder = Path(tempfile.gettempdir()) / "ftframe-bench-llama-1b"
     if not (folder / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+        tok = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer))
         config = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)
         tok.save_pretrained(folder)
+    return str(folder)
+
+
+def random_copy(name: str) -> str:
+    """A folder with ``name``'s config and tokenizer and freshly initialized weights (seed 0), made once."""
+    import hashlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftframe.models import load_tokenizer, resolve_model
+
+    source = resolve_model(name)
+    folder = Path(tempfile.gettempdir()) / f"ftframe-bench-random-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    if not (folder / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(folder)
+        load_tokenizer(source).save_pretrained(folder)
     return str(folder)
 
 
@@ -104,23 +131,41 @@ def job_flops(config: Any, lengths: list[int], supervised: list[int], lora_param
     return float(forward + backward)
 
 
-def bf16_peak(device: str) -> float:
-    """Best bf16 matmul FLOP/s on ``device`` (square GEMMs)."""
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    best = 0.0
-    for _ in range(6):
+def matmul_peak(dtype: torch.dtype, device: str, budget_s: float = 3.0) -> float:
+    """Best ``dtype`` matmul FLOP/s on ``device`` (square GEMMs), measured within about ``budget_s`` seconds.
+
+    Starts at 512 x 512 and doubles the size while one product takes under a tenth of the budget, so a slow kernel
+    (bf16 on an AVX2-only CPU: ~1 GFLOP/s) costs a fraction of a second, not minutes.
+    """
+    def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
+
+    best, n, spent = 0.0, 512, 0.0
+    while True:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        sync()
         t = time.perf_counter()
-        for _ in range(3 if device == "cpu" else 20):
+        a @ b  # warm-up (kernel choice, packing)
+        sync()
+        one = time.perf_counter() - t
+        reps = max(1, min(20, int(budget_s / 4 / max(one, 1e-6))))
+        t = time.perf_counter()
+        for _ in range(reps):
             a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        reps = 3 if device == "cpu" else 20
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
-    return best
+        sync()
+        took = time.perf_counter() - t
+        spent += one + took
+        best = max(best, 2 * n**3 * reps / took)
+        if one > budget_s / 10 or spent > budget_s / 2 or n >= (8192 if device == "cuda" else 2048):
+            return best
+        n *= 2
+
+
+#: the dtype each Lightning precision computes its matmuls in
+COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                 "16-true": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------------- runners
@@ -141,6 +186,7 @@ class StepClock:
 def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
     import lightning.pytorch as pl
 
+    from ftframe.device import Trainer
     from ftframe.methods import LoRA
     from ftframe.tasks import CausalLM
 
@@ -165,14 +211,14 @@ def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
             n = int((batch["labels"][:, 1:] != -100).sum())
             clock.losses.append((float(outputs["loss"]), n))
 
-    # everything not named by --set is ftframe's default
+    # everything not named by --set is ftframe's default, precision included (auto: resolved from the device)
     module = LoRA(model_name=args.model_name, task=CausalLM(**task_opts), r=16, alpha=32, dropout=0.0,
                   learning_rate=args.lr, lr_schedule="constant", warmup_steps=0, **model_opts)
     pl.seed_everything(args.seed, verbose=False)
-    trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision="bf16-mixed",
-                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[Clock()])
+    trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
+                      max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                      callbacks=[Clock()])
     trainer.fit(module, datamodule=Fixed())
     return summarize(args, clock, dm, order, module.model)
 
@@ -247,9 +293,11 @@ def summarize(args: argparse.Namespace, clock: StepClock, dm: Any, order: list[i
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def runners(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Runner name -> extra worker arguments."""
-    out = {"ftframe": [], "hf-fp32": [], "hf-bf16": []}
+def runners(args: argparse.Namespace, fast_bf16: bool) -> dict[str, list[str]]:
+    """Runner name -> extra worker arguments (``hf-bf16`` only where bf16 is fast, or when asked for by ``--only``)."""
+    out = {"ftframe": [], "hf-fp32": []}
+    if fast_bf16 or "hf-bf16" in (args.only or "").split(","):
+        out["hf-bf16"] = []
     if args.ablate:
         for lever, (key, off) in LEVERS.items():
             out[f"ftframe -{lever}"] = ["--set", f"{key}={json.dumps(off)}"]
@@ -285,7 +333,16 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=JSON,...",
                    help='an extra ftframe runner, e.g. "compiled:model.compile=true"')
     p.add_argument("--only", default=None, help="comma-separated runner names to run (default: all)")
+    p.add_argument("--precision", default="auto",
+                   help="ftframe runners' precision (default auto: resolved from the device, as ftframe fit does)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--docs", default=None, help="write the table into this Markdown file (e.g. docs/performance.md), "
+                   "between <!-- benchmark:SECTION --> and <!-- /benchmark:SECTION -->")
+    p.add_argument("--section", default=None, help="the block name for --docs (default: DEVICE-CAPABILITY, e.g. cpu-AVX2)")
+    p.add_argument("--tokenizer", default="smollm2-135m-instruct", help="llama-1b's tokenizer (asset or folder)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model's architecture with random weights (for a GPU machine without the weights; speed "
+                        "and memory are the model's, the loss is not)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -296,16 +353,34 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to PyTorch here")
 
-    table = runners(args)
+    from ftframe.device import plan_for
+
+    plan = plan_for(args.precision, args.device)
+    fast_bf16 = plan_for("auto", args.device).precision == "bf16-mixed"  # what the device resolution says of bf16
+    table = runners(args, fast_bf16)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
+    if not fast_bf16 and "hf-bf16" not in table:
+        print("hf-bf16 not run: bfloat16 is slow on this device (--only hf-bf16 runs it anyway)", flush=True)
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
               "--max-length", str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed),
-              "--device", args.device, "--model", args.model]
-    # tokenize once (cached) so no run pays for it
-    subprocess.run([sys.executable, "-m", "ftframe", "download", "--names", "[smollm2-135m-instruct, gsm8k]"], check=True, capture_output=True)
-    peak = bf16_peak(args.device)
-    print(f"bf16 matmul peak on this machine: {peak / 1e9:,.0f} GFLOP/s", flush=True)
+              "--device", args.device, "--model", args.model, "--precision", args.precision,
+              "--tokenizer", args.tokenizer, *(["--random-weights"] if args.random_weights else [])]
+    # the assets, once (a machine without network access must have them in its cache already)
+    from ftframe.assets import is_downloaded
+
+    wanted = [n for n in ("smollm2-135m-instruct", "gsm8k") if not is_downloaded(n)
+              and (n == "gsm8k" or args.model == "smollm2-135m-instruct")]
+    if wanted:
+        subprocess.run([sys.executable, "-m", "ftframe", "download", "--names", json.dumps(wanted)], check=True)
+    print(f"device: {plan.name}; CPU capability {torch.backends.cpu.get_cpu_capability()}; ftframe precision "
+          f"{plan.precision} ({plan.reason})", flush=True)
+    precision = {name: ("bf16-mixed" if name == "hf-bf16" else "32-true" if name == "hf-fp32" else plan.precision)
+                 for name in table}
+    dtypes = sorted({COMPUTE_DTYPE.get(p, torch.float32) for p in precision.values()}, key=str)
+    peaks = {dtype: matmul_peak(dtype, args.device) for dtype in dtypes}
+    for dtype, value in peaks.items():
+        print(f"{str(dtype).removeprefix('torch.')} matmul peak on this machine: {value / 1e9:,.1f} GFLOP/s", flush=True)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in table}
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     for r in range(args.rounds):
@@ -321,26 +396,32 @@ def main() -> None:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
                 raise SystemExit(f"runner {name!r} failed (exit {proc.returncode})")
             res = json.loads(lines[-1][len("RESULT "):])
-            res["mfu"] = res["flops_per_s"] / peak
+            res["precision"] = precision[name]
+            res["mfu"] = res["flops_per_s"] / peaks[COMPUTE_DTYPE.get(precision[name], torch.float32)]
             results[name].append(res)
             print(f"round {r + 1}/{args.rounds} {name:<26} {res['tokens_per_s']:8.1f} tok/s  "
                   f"{res['peak_rss_gb']:5.2f} GB  loss {res['loss_per_token']:.4f}  MFU {100 * res['mfu']:4.1f}%  "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
-    report(args, peak, results)
+    report(args, plan, {str(k).removeprefix("torch."): v for k, v in peaks.items()}, results)
 
 
-def report(args: argparse.Namespace, peak: float, results: dict[str, list[dict[str, Any]]]) -> None:
+def report(args: argparse.Namespace, plan: Any, peaks: dict[str, float], results: dict[str, list[dict[str, Any]]]) -> None:
     mem = "peak_gpu_gb" if args.device == "cuda" else "peak_rss_gb"  # on a GPU the device memory is what limits
     med = {k: {f: statistics.median(r[f] for r in runs) for f in ("tokens_per_s", mem, "loss_per_token", "mfu",
                                                                   "seconds_per_step")}
            for k, runs in results.items() if runs}
     hf = [k for k in ("hf-fp32", "hf-bf16") if k in med]
     base = max(hf, key=lambda k: med[k]["tokens_per_s"]) if hf else None
-    print(f"\nmedians over {args.rounds} alternating rounds; {args.steps} steps x {args.batch_size} examples, first "
-          f"{args.warmup} untimed; baseline = {base or 'none'} (the faster HF run)\n")
     label = "peak GPU GB" if mem == "peak_gpu_gb" else "peak RSS GB"
-    print(f"| runner | useful tok/s | s/step | {label} | loss/token | MFU | tok/s ratio | memory ratio | loss diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    peak_text = ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items())
+    lines = [f"{time.strftime('%Y-%m-%d')}, {plan.name}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+             f"{' (simulated: ' + simulated() + ')' if simulated() else ''}; ftframe precision {plan.precision} "
+             f"({plan.reason}); matmul peaks measured by the script: {peak_text}. Medians over {args.rounds} "
+             f"alternating rounds of {args.steps} steps x {args.batch_size} examples, the first {args.warmup} untimed; "
+             f"baseline = {base or 'none'} (the faster HF run). Command: `python benchmarks/train_throughput.py "
+             f"{' '.join(sys.argv[1:])}`", "",
+             f"| runner | precision | useful tok/s | s/step | {label} | loss/token | MFU | tok/s ratio | memory ratio | "
+             "loss diff |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, m in med.items():
         if base:
             b = med[base]
@@ -348,12 +429,36 @@ def report(args: argparse.Namespace, peak: float, results: dict[str, list[dict[s
                       f"{100 * (m['loss_per_token'] / b['loss_per_token'] - 1):+.2f}%")
         else:
             ratios = "- | - | -"
-        print(f"| {k} | {m['tokens_per_s']:.1f} | {m['seconds_per_step']:.2f} | {m[mem]:.2f} | "
-              f"{m['loss_per_token']:.4f} | {100 * m['mfu']:.1f}% | {ratios} |")
+        name = f"**{k}**" if k == "ftframe" else f"{k} (baseline)" if k == base else k
+        lines.append(f"| {name} | {results[k][0]['precision']} | {m['tokens_per_s']:.1f} | {m['seconds_per_step']:.2f} | "
+                     f"{m[mem]:.2f} | {m['loss_per_token']:.4f} | {100 * m['mfu']:.1f}% | {ratios} |")
+    print("\n" + "\n".join(lines))
+    if args.docs:
+        write_section(Path(args.docs), args.section or f"{args.device}-{torch.backends.cpu.get_cpu_capability()}",
+                      lines)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "bf16_peak_flops": peak, "baseline": base,
-                                               "medians": med, "runs": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": plan.as_dict(),
+                                               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                               "matmul_peak_flops": peaks, "baseline": base, "medians": med,
+                                               "runs": results}, indent=1))
         print(f"\nwrote {args.json}")
+
+
+def simulated() -> str:
+    """The variables that make this CPU act as an older kind, if set (e.g. ``ATEN_CPU_CAPABILITY=avx2``)."""
+    return " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ)
+
+
+def write_section(path: Path, name: str, lines: list[str]) -> None:
+    """Replace the block between ``<!-- benchmark:NAME -->`` and ``<!-- /benchmark:NAME -->`` in ``path``."""
+    start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
+    text = path.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise SystemExit(f"--docs {path}: no {start} ... {end} block to replace; add one where the table goes")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail, encoding="utf-8")
+    print(f"wrote the {name} table into {path}")
 
 
 if __name__ == "__main__":

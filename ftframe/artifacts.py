@@ -42,6 +42,9 @@ def metadata(trainer: Trainer, pl_module: LightningModule, **extra: Any) -> dict
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "hparams": hparams,
         "task": _task_info(getattr(pl_module, "task", None)),
+        # the precision the run trained in and, under ftframe's Trainer, why it was chosen (ftframe.device)
+        "device": (trainer.device_plan.as_dict() if hasattr(trainer, "device_plan")
+                   else {"precision": str(trainer.precision)}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }

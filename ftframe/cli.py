@@ -29,6 +29,7 @@ import ftframe.data
 import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
 from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ClassificationReport, GracefulStop
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
+from ftframe.device import Trainer, plan_for
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 
@@ -46,6 +47,7 @@ class FTFrameCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        kwargs.setdefault("trainer_class", Trainer)  # Lightning's, with precision: auto (ftframe.device)
         super().__init__(
             FineTuneModule,
             LightningDataModule,
@@ -67,13 +69,18 @@ class FTFrameCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterExport, "adapter")
         parser.add_argument("--validate_before_fit", type=bool, default=False,
                             help="fit only: run validation before training and print the loss before/after")
+        parser.add_argument("--when_precision", type=dict[str, dict[str, Any]] | None, default=None,
+                            help="settings that apply only when trainer.precision (auto: resolved from the device) is "
+                                 "a given value, e.g. {32-true: {trainer.max_steps: 30}}: keys are precisions, values "
+                                 "map dotted config keys to values; each one applied is printed")
 
     def before_instantiate_classes(self) -> None:
-        """Link the data's label names into a classification task: their number sizes the head, never typed twice.
+        """Apply ``when_precision`` for the resolved precision; link the data's label names into a classification task.
 
-        (A jsonargparse instantiation link cannot do it: the task is optional, and ``None`` has no ``labels``.)
+        (A jsonargparse instantiation link cannot do the labels: the task is optional, and ``None`` has no ``labels``.)
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._apply_when_precision(config)
         task = config.get("model.init_args.task")
         if not task or "labels" not in (task.get("init_args") or {}):
             return
@@ -98,6 +105,27 @@ class FTFrameCLI(LightningCLI):
             raise UserError(f"model.task.init_args.labels {list(task.init_args.labels)} differ from the data's "
                             f"{data_labels}; leave the task's unset (they are linked from the data) or set data.labels")
         task.init_args.labels = data_labels
+
+    @staticmethod
+    def _apply_when_precision(config: Any) -> None:
+        per_precision = config.get("when_precision") or {}
+        if not per_precision:
+            return
+        plan = plan_for(config.get("trainer.precision", "auto"), config.get("trainer.accelerator", "auto"))
+        known = {"32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"}
+        unknown = sorted(set(per_precision) - known)
+        if unknown:
+            raise UserError(f"when_precision: {unknown} are not precisions; use keys from {sorted(known)}")
+        for key, value in (per_precision.get(plan.precision) or {}).items():
+            try:
+                before = config[key]
+            except KeyError:
+                raise UserError(f"when_precision.{plan.precision}: {key!r} is not a config key (dotted, as in "
+                                "--print_config: e.g. trainer.max_steps, data.init_args.max_length)") from None
+            config[key] = value
+            if _is_rank_zero():
+                print(f"[ftframe] precision {plan.precision}: {key} = {value} (was {before}; from when_precision)",
+                      flush=True)
 
     def instantiate_classes(self) -> None:
         """Build everything; a strategy Lightning refuses here (FSDP on a CPU, DeepSpeed missing) becomes a UserError."""
@@ -185,6 +213,10 @@ class FTFrameCLI(LightningCLI):
             print(f"[ftframe] validation {when}", flush=True)
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0
 
 
 def _tool(fn: Callable[..., Any], name: str) -> Callable[[list[str]], Any]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from ftframe.device import inference_dtype
 from ftframe.errors import UserError
-from ftframe.models import DTypeName, load_model, load_tokenizer
+from ftframe.models import InferenceDType, load_model, load_tokenizer
 
 __all__ = ["Generator", "generate"]
 
@@ -23,14 +24,16 @@ class Generator:
             fine-tuning, LastLayers). A QLoRA / LoftQ adapter (``ftframe_base_quantization.json``, or QLoRA recorded
             in ``ftframe.json``) is applied to the base quantized as in training.
         model: Base model; ``None`` = the base recorded in the adapter folder.
-        dtype: dtype to load the weights in.
+        dtype: dtype to load the weights in; ``auto``: float32 on a CPU, bfloat16 (or float16) on a CUDA GPU (see
+            :mod:`ftframe.device`). An explicit 16-bit dtype on a CPU without fast 16-bit matmuls is warned about.
     """
 
-    def __init__(self, adapter: str | None = None, model: str | None = None, dtype: DTypeName = "float32") -> None:
+    def __init__(self, adapter: str | None = None, model: str | None = None, dtype: InferenceDType = "auto") -> None:
         from transformers import AutoModelForCausalLM
 
         from ftframe.artifacts import read_trained
 
+        self.dtype = dtype = inference_dtype(dtype, "cpu")  # (models load on the CPU; a 4-bit base on CUDA if any)
         # what the folder holds: a peft adapter, ftframe's bottleneck adapters, or a full model
         info = read_trained(adapter) if adapter else None
         adapter_dir = info.path if info is not None else None
@@ -94,7 +97,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     system_prompt: str | None = None,
-    dtype: DTypeName = "float32",
+    dtype: InferenceDType = "auto",
     seed: int = 0,
 ) -> list[str]:
     """Answer prompts with a base model plus a saved adapter.
@@ -108,7 +111,7 @@ def generate(
         temperature: 0 = greedy decoding; > 0 samples.
         top_p: Nucleus sampling threshold (when sampling).
         system_prompt: System message for chat templates (default: the template's own).
-        dtype: dtype to load the model in.
+        dtype: dtype to load the model in; ``auto``: float32 on a CPU (see :mod:`ftframe.device`).
         seed: Random seed (for sampling).
     """
     torch.manual_seed(seed)

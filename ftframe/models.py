@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
+#: a dtype, or ``auto``: resolved from the device by :func:`ftframe.device.inference_dtype`
+InferenceDType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

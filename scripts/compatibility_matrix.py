@@ -105,6 +105,21 @@ def render(cells: dict[tuple[str, tuple[str, str]], str], hardware: str) -> str:
     return "\n".join(lines)
 
 
+def existing_cells(page: Path) -> dict[tuple[str, tuple[str, str]], str]:
+    """The cells of a page this script wrote earlier (``--keep-existing``): what a new report does not speak for stays."""
+    cells: dict[tuple[str, tuple[str, str]], str] = {}
+    if not page.is_file():
+        return cells
+    for line in page.read_text(encoding="utf-8").splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) == len(COLUMNS) + 1 and parts[0] in METHODS:
+            for column, value in zip(COLUMNS, parts[1:], strict=True):
+                word = value.strip("*")
+                if word in ("pass", "FAIL"):
+                    cells[(parts[0], column)] = word
+    return cells
+
+
 def hardware_line() -> str:
     import torch
 
@@ -123,6 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--junit", nargs="*", type=Path, help="JUnit XML reports to read instead of running the tests")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "compatibility.md")
+    parser.add_argument("--keep-existing", action="store_true",
+                        help="keep the cells of the existing page that the reports do not speak for (e.g. add a GPU "
+                             "run's columns to the CPU results)")
     opts = parser.parse_args()
     reports = list(opts.junit or [])
     if not reports:
@@ -131,6 +149,8 @@ def main() -> None:
                         f"--junitxml={report}"], cwd=ROOT, check=False)
         reports = [report]
     cells = collect(reports)
+    if opts.keep_existing:
+        cells = {**existing_cells(opts.output), **{k: v for k, v in cells.items() if v != "not run"}}
     opts.output.write_text(render(cells, hardware_line()), encoding="utf-8")
     passed = sum(v == "pass" for v in cells.values())
     print(f"[ftframe] wrote {opts.output}: {passed} cells pass, "

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# precision: auto resolves to 32-true in every test process (subprocesses inherit this), whatever the CPU: the suite
+# runs alike on CPUs with and without fast bfloat16. tests/test_device.py checks the resolution itself.
+os.environ["FTFRAME_CPU_BF16"] = "slow"
 
 CHATML = (
     "{% for message in messages %}"

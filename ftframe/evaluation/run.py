@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftframe.errors import UserError
-from ftframe.models import DTypeName
+from ftframe.models import InferenceDType
 
 __all__ = ["OPTIONS", "evaluate", "load_items", "score"]
 
@@ -18,7 +18,7 @@ def evaluate(
     data: str = "mmlu",
     model: str | None = None,
     adapter: str | None = None,
-    dtype: DTypeName = "float32",
+    dtype: InferenceDType = "auto",
     output: str = "runs/evaluate",
     limit: int | None = None,
     sample: int | None = None,
@@ -49,7 +49,8 @@ def evaluate(
             any instruction data (``gsm8k``, ``chatterbot``, JSONL / CSV / Parquet records).
         model: Base model (asset name, folder, ``.gguf``, hub id); default: the base recorded in the adapter.
         adapter: Folder written by ``ftframe fit`` (peft adapter, bottleneck adapters, or a full model folder).
-        dtype: dtype to load the model in.
+        dtype: dtype to load the model in; ``auto``: float32 on a CPU (exact scores), bfloat16 / float16 on a CUDA
+            GPU (see :mod:`ftframe.device`); a 16-bit dtype on a CPU without fast 16-bit matmuls is warned about.
         output: Folder for the reports.
         limit: Evaluate only the first this many items.
         sample: multiple_choice: evaluate this many questions taken at even intervals through the data (MMLU's file
@@ -88,7 +89,7 @@ def evaluate(
     started = time.perf_counter()
     summary, records = score(loaded.model, loaded.tokenizer, items, opts)
     seconds = time.perf_counter() - started
-    report = {"task": task, "data": data, "model": model, "adapter": adapter, "dtype": dtype, "seconds": seconds,
+    report = {"task": task, "data": data, "model": model, "adapter": adapter, "dtype": loaded.dtype, "seconds": seconds,
               "options": {"prompt_format": prompt_format, "k_shot": k_shot, "seed": seed, "limit": limit,
                           "sample": sample,
                           "split": split, "max_new_tokens": max_new_tokens, "window": window, "stride": stride},

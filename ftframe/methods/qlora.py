@@ -35,7 +35,9 @@ class QLoRA(FineTuneModule):
         bias: Which biases to train alongside the adapters.
         quant_type: 4-bit data type of the frozen weights.
         double_quant: Also quantize the quantization constants (saves ~0.4 bit per parameter).
-        compute_dtype: dtype the 4-bit weights are dequantized to for matmuls.
+        compute_dtype: dtype the 4-bit weights are dequantized to for matmuls. ``auto``: the Trainer's precision's
+            (bfloat16 under ``bf16-*``, float16 under ``16-*``, else float32 -- so on a CPU without fast bfloat16,
+            where ``precision: auto`` resolves to ``32-true``, no matmul runs in a slow 16-bit kernel).
         quant_storage: dtype the packed 4-bit weights are stored in. ``auto``: ``uint8`` (bitsandbytes' default), or
             under FSDP the dtype FSDP computes in (``bfloat16`` for ``bf16-*`` precisions, ``float16`` for ``16-*``,
             ``float32`` for ``32-true``), with the other frozen weights loaded in it too: FSDP flattens a block's
@@ -60,7 +62,7 @@ class QLoRA(FineTuneModule):
         bias: Literal["none", "all", "lora_only"] = "none",
         quant_type: Literal["nf4", "fp4"] = "nf4",
         double_quant: bool = True,
-        compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
         quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
         init: Literal["default", "loftq"] = "default",
         **kwargs,
@@ -82,7 +84,14 @@ class QLoRA(FineTuneModule):
         storage = self.quant_storage
         if storage == "auto":
             storage = self._sharded_dtype() or "uint8"
-        return nf4_config(self.quant_type, self.double_quant, self.compute_dtype, storage)
+        return nf4_config(self.quant_type, self.double_quant, self.resolved_compute_dtype(), storage)
+
+    def resolved_compute_dtype(self) -> str:
+        """:attr:`compute_dtype`, with ``auto`` read from the Trainer's precision (float32 without a Trainer)."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
 
     def _sharded_dtype(self) -> str | None:
         """Under FSDP: the dtype FSDP computes in, which every frozen weight is stored in; else ``None``.
@@ -158,9 +167,13 @@ class QLoRA(FineTuneModule):
 
 
 def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str) -> Any:
-    """A 4-bit ``BitsAndBytesConfig`` (what QLoRA trains on, and what ``ftframe merge`` rebuilds to dequantize)."""
+    """A 4-bit ``BitsAndBytesConfig`` (what QLoRA trains on, and what ``ftframe merge`` rebuilds to dequantize).
+
+    ``compute_dtype`` ``auto`` (a run's saved hyperparameter) is float32 here: it changes no 4-bit value.
+    """
     from transformers import BitsAndBytesConfig
 
+    compute_dtype = "float32" if compute_dtype == "auto" else compute_dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
