@@ -41,6 +41,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from ftframe.device import inference_dtype
     from ftframe.evaluation import load_questions, sample_evenly, score_multiple_choice, summarize
     from ftframe.evaluation.harness import write_lm_eval_task, write_questions
     from ftframe.generate import Generator
@@ -50,8 +51,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ftframe-evalbench-"))
     task = write_lm_eval_task(tmp, args.format, write_questions(questions, tmp / "questions.jsonl"))
     manager = TaskManager(include_path=str(tmp))
-    lm = HFLM(pretrained=resolve_model(args.model), dtype="float32", batch_size=args.batch_size, device="cpu")
-    ours = Generator(model=args.model, dtype="float32")
+    dtype = inference_dtype("auto", "cpu")  # the device resolution's evaluation dtype (float32 on every CPU)
+    lm = HFLM(pretrained=resolve_model(args.model), dtype=dtype, batch_size=args.batch_size, device="cpu")
+    ours = Generator(model=args.model, dtype=dtype)
 
     def run_lm_eval() -> tuple[float, list[int], float]:
         t = time.perf_counter()
@@ -86,7 +88,7 @@ def main() -> None:
     agree = sum(a == b for a, b in zip(preds["ftframe"], preds["lm-eval"], strict=True))
     result = {
         "job": {"questions": len(questions), "format": args.format, "batch_size": args.batch_size,
-                "model": args.model, "dtype": "float32", "rounds": args.rounds},
+                "model": args.model, "dtype": dtype, "rounds": args.rounds},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "lm_eval": lm_eval.__version__},
         "seconds": med,

@@ -338,7 +338,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--docs", default=None, help="write the table into this Markdown file (e.g. docs/performance.md), "
                    "between <!-- benchmark:SECTION --> and <!-- /benchmark:SECTION -->")
-    p.add_argument("--section", default=None, help="the block name for --docs (default: DEVICE-CAPABILITY, e.g. cpu-AVX2)")
+    p.add_argument("--section", default=None, help="the block name for --docs (default: DEVICE-PRECISION, e.g. cpu-32-true)")
     p.add_argument("--tokenizer", default="smollm2-135m-instruct", help="llama-1b's tokenizer (asset or folder)")
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture with random weights (for a GPU machine without the weights; speed "
@@ -434,7 +434,7 @@ def report(args: argparse.Namespace, plan: Any, peaks: dict[str, float], results
                      f"{m[mem]:.2f} | {m['loss_per_token']:.4f} | {100 * m['mfu']:.1f}% | {ratios} |")
     print("\n" + "\n".join(lines))
     if args.docs:
-        write_section(Path(args.docs), args.section or f"{args.device}-{torch.backends.cpu.get_cpu_capability()}",
+        write_section(Path(args.docs), args.section or f"{args.device}-{plan.precision}",
                       lines)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": plan.as_dict(),

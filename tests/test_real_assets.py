@@ -66,7 +66,7 @@ def test_two_step_fit_on_the_real_model(method, tmp_path):
     main(["fit", f"--model=ftframe.methods.{method.split('-')[0]}", f"--model.model_name={MODEL}", *METHOD_ARGS[method],
           "--data.train_files=gsm8k", "--data.val_size=8", "--data.batch_size=2", "--data.max_length=256",
           "--data.max_train_examples=8", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-          "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed", "--trainer.logger=false",
+          "--trainer.accelerator=cpu", "--trainer.precision=auto", "--trainer.logger=false",
           "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
           f"--adapter.dirpath={out}"])
     from safetensors.torch import load_file
