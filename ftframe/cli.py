@@ -29,7 +29,7 @@ import ftframe.data
 import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
 from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ClassificationReport, GracefulStop
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
-from ftframe.device import Trainer, plan_for
+from ftframe.device import Trainer, is_rank_zero, plan_for
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
 
@@ -123,7 +123,7 @@ class FTFrameCLI(LightningCLI):
                 raise UserError(f"when_precision.{plan.precision}: {key!r} is not a config key (dotted, as in "
                                 "--print_config: e.g. trainer.max_steps, data.init_args.max_length)") from None
             config[key] = value
-            if _is_rank_zero():
+            if is_rank_zero():
                 print(f"[ftframe] precision {plan.precision}: {key} = {value} (was {before}; from when_precision)",
                       flush=True)
 
@@ -213,10 +213,6 @@ class FTFrameCLI(LightningCLI):
             print(f"[ftframe] validation {when}", flush=True)
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         return {k: float(v) for k, v in (results[0] if results else {}).items()}
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0
 
 
 def _tool(fn: Callable[..., Any], name: str) -> Callable[[list[str]], Any]:

@@ -22,13 +22,13 @@ import functools
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer as LightningTrainer
 
-__all__ = ["CPU_BF16_ENV", "DevicePlan", "Trainer", "cpu_16bit_speed", "cpu_matmul_speed", "inference_dtype", "plan_for",
+__all__ = ["CPU_BF16_ENV", "DevicePlan", "Trainer", "cpu_16bit_speed", "cpu_matmul_speed", "inference_dtype", "is_rank_zero", "plan_for",
            "resolve_precision"]
 
 #: What ``precision`` accepts in ftframe: Lightning's values plus ``auto``.
@@ -64,10 +64,9 @@ class DevicePlan:
     fp16_speed: float | None = None
     #: a warning for an explicit choice that is slow here, else ``None``
     warning: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     def summary(self) -> str:
         return f"[ftframe] device: {self.name}; precision {self.precision} ({self.reason})"
@@ -208,7 +207,7 @@ def _times(x: float) -> str:
 def resolve_precision(requested: Any = "auto", accelerator: Any = "auto", *, announce: bool = True) -> DevicePlan:
     """:func:`plan_for`, printed on rank 0 with the warning for a slow explicit choice."""
     plan = plan_for(requested, accelerator)
-    if announce and _is_rank_zero():
+    if announce and is_rank_zero():
         print(plan.summary(), flush=True)
         if plan.warning:
             warnings.warn(f"[ftframe] {plan.warning}", UserWarning, stacklevel=2)
@@ -233,7 +232,7 @@ def inference_dtype(requested: str = "auto", device: str = "cpu") -> str:
     return "float32"
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0 and \
         int(os.environ.get("NODE_RANK", "0") or 0) == 0
 
