@@ -10,7 +10,8 @@ lr of 2e-4, seed 0, the same examples in the same order (ftframe's tokenization,
 Each run is a fresh subprocess; runs alternate (A B C, then C B A, ...) so drift of the machine hits every runner alike.
 
 ftframe runs with ``precision: auto`` -- what the device resolution (``ftframe.device``) picks here: bf16-mixed on a
-GPU or a CPU with fast bfloat16, 32-true on other CPUs. The HF baselines are ``Trainer`` in fp32 and with
+GPU or a CPU with fast bfloat16, 32-true on other CPUs -- and with the process settings the ``ftframe`` command applies
+to itself (``ftframe.PROCESS_DEFAULTS``: huge pages for large CPU tensors on Linux). The HF baselines are ``Trainer`` in fp32 and with
 ``bf16=True``; ``hf-bf16`` runs only where bfloat16 is fast (on an AVX2-only CPU it is ~50x slower per matmul and
 would take hours; ``--only hf-bf16`` forces it). The script prints the CPU capability, each runner's precision and the
 matmul peak of each dtype a runner computes in.
@@ -51,6 +52,7 @@ LEVERS: dict[str, tuple[str, Any]] = {
     "frozen_bf16": ("model.frozen_dtype", "float32"),
     "lean_activations": ("model.lean_activations", False),
     "fused_adamw": ("model.fused_optimizer", False),
+    "huge_pages": ("env.THP_MEM_ALLOC_ENABLE", "0"),  # a process setting: see ftframe.PROCESS_DEFAULTS
 }
 
 
@@ -353,6 +355,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to PyTorch here")
 
+    from ftframe import PROCESS_DEFAULTS
     from ftframe.device import plan_for
 
     plan = plan_for(args.precision, args.device)
@@ -388,9 +391,18 @@ def main() -> None:
         # a little slower) and drift during a round hits every runner alike
         for name, extra in (list(table.items()) if r % 2 == 0 else list(table.items())[::-1]):
             kind = "ftframe" if name.startswith("ftframe") or name not in ("hf-fp32", "hf-bf16") else name
-            cmd = [sys.executable, __file__, "--worker", kind, *common, *extra]
+            run_env, sets = dict(env), []
+            if kind == "ftframe":  # what the ftframe command sets for itself
+                run_env.update({k: v for k, v in PROCESS_DEFAULTS.items() if k not in os.environ})
+            for flag, value in zip(extra[::2], extra[1::2], strict=True):
+                key, _, raw = value.partition("=")
+                if key.startswith("env."):
+                    run_env[key[4:]] = str(json.loads(raw))
+                else:
+                    sets += [flag, value]
+            cmd = [sys.executable, __file__, "--worker", kind, *common, *sets]
             t = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])

@@ -169,6 +169,79 @@ def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+class _FusedLoRALinear(torch.autograd.Function):
+    """``linear(x, W, bias) + scaling * (x @ A.T) @ B.T`` in one function, for inputs and weights of one dtype.
+
+    The same products as peft's vanilla LoRA path, with ``scaling`` applied to the rank-``r`` factor instead of the
+    full-width output, the adapter's output accumulated into the base output in place (``addmm_``) and, in the
+    backward pass, the adapter's input gradient accumulated into the base one: two full-width passes and two
+    full-width temporaries fewer per layer and direction. The saved tensors are peft's (``x`` for A, ``x @ A.T`` for B).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        y = F.linear(x2, weight, bias)
+        y.addmm_(h, b.t(), alpha=scaling)
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        ctx.save_for_backward(x2 if (need_w or need_a) else None, h if need_b else None, weight, a, b)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x2, h, weight, a, b = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        gh = (g2 @ b).mul_(ctx.scaling) if (need_x or need_a) else None
+        if need_x:
+            grad_x = (g2 @ weight).addmm_(gh, a).view(ctx.x_shape)
+        if need_w:
+            grad_w = g2.t() @ x2
+        if need_bias:
+            grad_bias = g2.sum(0)
+        if need_a:
+            grad_a = gh.t() @ x2
+        if need_b:
+            grad_b = (g2.t() @ h).mul_(ctx.scaling)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def _hooked(*modules: torch.nn.Module) -> bool:
+    """Whether calling these modules would run hooks (DeepSpeed ZeRO-3 gathers weights in them, for instance)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks:
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+
+
+def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's ``lora.Linear.forward``, through :class:`_FusedLoRALinear` where that computes the same thing: one
+    vanilla adapter (no DoRA or other variant, no dropout, no adapter bias), not merged, outside autocast, with the
+    input, the base and the adapter weights all of one dtype, and no hooks on the adapter's layers."""
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+        return self._ftframe_peft_forward(x, *args, **kwargs)
+    name = active[0]
+    base = self.base_layer
+    if name not in self.lora_A or name not in self.lora_B or name not in self.lora_dropout:
+        return self._ftframe_peft_forward(x, *args, **kwargs)
+    lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+    inert_dropout = type(dropout) is torch.nn.Identity or (
+        type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training))
+    if (not inert_dropout or name in getattr(self, "lora_variant", {}) or type(base) is not torch.nn.Linear
+            or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear
+            or getattr(self, "fan_in_fan_out", False) or lora_a.bias is not None or lora_b.bias is not None
+            or torch.is_autocast_enabled(x.device.type)
+            or not (x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype)
+            or _hooked(base, lora_a, lora_b, dropout)):
+        return self._ftframe_peft_forward(x, *args, **kwargs)
+    return _FusedLoRALinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name])
+
+
 def lean_activations(model: torch.nn.Module) -> int:
     """Keep fewer activation copies for the backward pass, with identical results; returns the modules changed.
 
@@ -179,6 +252,9 @@ def lean_activations(model: torch.nn.Module) -> int:
       of it instead of each casting and keeping its own (see :class:`_SharedCastLinear`).
     * The SwiGLU MLP keeps ``gate`` and ``up`` but not ``silu(gate)``, recomputing it in the backward pass
       (architectures in :data:`SWIGLU_TYPES`).
+    * Outside autocast (``32-true``, ``bf16-true``), a vanilla LoRA layer runs as one function
+      (:class:`_FusedLoRALinear`): the same products and saved tensors, fewer full-width passes and temporaries.
+      Results agree with peft's path to float rounding (the scaling is applied to the rank-``r`` factor).
     """
     config = getattr(transformers_model(model), "config", None)
     swiglu = (getattr(config, "model_type", None) in SWIGLU_TYPES
@@ -188,6 +264,9 @@ def lean_activations(model: torch.nn.Module) -> int:
         if (hasattr(module, "lora_A") and callable(getattr(module, "_cast_input_dtype", None))
                 and not any(getattr(module, "use_dora", {}).values())):  # DoRA uses the input outside matmuls
             module._cast_input_dtype = types.MethodType(_cast_input_if_not_autocast, module)
+            if type(module).__name__ == "Linear" and type(module).__module__.startswith("peft.tuners.lora"):
+                module._ftframe_peft_forward = module.forward
+                module.forward = types.MethodType(_fused_lora_forward, module)
             changed += 1
         elif type(module) is torch.nn.Linear and type(module.weight) is torch.nn.Parameter:
             module.forward = types.MethodType(_shared_cast_forward, module)

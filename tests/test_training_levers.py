@@ -270,6 +270,51 @@ def test_lean_activations_give_identical_results_and_keep_less(tiny_model, tiny_
     assert out.dtype == torch.float32
 
 
+def _fp32_logits_and_grads(module, batch):
+    module.model.zero_grad()
+    out = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    out.pow(2).mean().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in module.model.named_parameters() if p.grad is not None}
+
+
+def test_fused_lora_matches_peft_outside_autocast_and_steps_aside_otherwise(tiny_model, tiny_data, cache_dir,
+                                                                          monkeypatch):
+    import ftframe.efficiency as eff
+
+    calls = []
+    apply = eff._FusedLoRALinear.apply
+    monkeypatch.setattr(eff._FusedLoRALinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    batch = PadCollator(0)(_examples(tiny_model, tiny_data, cache_dir))
+    torch.manual_seed(0)
+    ref = _lora(tiny_model, lean_activations=False)
+    for name, p in ref.model.named_parameters():
+        if "lora_A" in name:
+            with torch.no_grad():
+                p.mul_(3.0)  # larger adapters: a wrong scaling or a missing term would show
+    lean = _lora(tiny_model, lean_activations=False)
+    lean.model.load_state_dict(ref.model.state_dict())
+    lean_activations(lean.model)
+    (l1, g1), (l2, g2) = _fp32_logits_and_grads(ref, batch), _fp32_logits_and_grads(lean, batch)
+    assert len(calls) == 2 * 7  # every LoRA layer of both blocks took the fused path
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and any("lora_A" in k for k in g1) and any("lora_B" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-7)
+    # under autocast, with dropout while training, or with the adapter disabled: peft's own path
+    calls.clear()
+    with torch.autocast(**AUTOCAST):
+        lean.model(input_ids=batch["input_ids"])
+    dropped = LoRA(model_name=tiny_model, r=4, dropout=0.5)
+    dropped.configure_model()
+    dropped.model.train()(input_ids=batch["input_ids"])
+    with lean.model.disable_adapter(), torch.no_grad():
+        plain = lean.model(input_ids=batch["input_ids"]).logits
+    assert calls == []
+    with torch.no_grad():
+        base = _model(tiny_model, varlen=False)(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(plain, base)
+
+
 def test_fused_adamw_takes_the_same_step(tiny_model, tiny_data, cache_dir, tmp_path):
     params = {}
     for fused in (False, True):
