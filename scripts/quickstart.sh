@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-.venv/bin/ftframe download
+# what the quickstart reads: the model, GSM8K, and MMLU + State of the Union for the forgetting monitor
+.venv/bin/ftframe download --names '[smollm2-135m-instruct, gsm8k, mmlu, sotu]'
 .venv/bin/ftframe fit --config configs/quickstart.yaml "$@"
 echo
 echo "Adapter written to runs/quickstart/adapter. Try it:"
