@@ -42,6 +42,52 @@ Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe merge --he
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
 
 
+def _set_config_key(config: Any, key: str, value: Any, where: str) -> Any:
+    """Set ``key`` (dotted, as in ``--print_config``) in a parsed config; returns the value it replaces.
+
+    A list of classes is addressed by class name: ``trainer.callbacks.ForgettingMonitor.probe_size`` sets
+    ``probe_size`` in the ``init_args`` of the one callback whose ``class_path`` ends in ``ForgettingMonitor``.
+    """
+    import importlib
+    import inspect
+
+    try:
+        before = config[key]
+    except KeyError:
+        pass
+    else:
+        config[key] = value
+        return before
+    parts = key.split(".")
+    for i in range(len(parts) - 2, 0, -1):
+        try:
+            items = config[".".join(parts[:i])]
+        except KeyError:
+            continue
+        if not isinstance(items, list):
+            break
+        name, arg = parts[i], ".".join(parts[i + 1:])
+        found = [it for it in items if str(getattr(it, "class_path", "")).rsplit(".", 1)[-1] == name]
+        if len(found) != 1:
+            present = sorted(str(getattr(it, "class_path", it)).rsplit(".", 1)[-1] for it in items)
+            raise UserError(f"{where}: {key!r} names {name!r}, but {'.'.join(parts[:i])} holds "
+                            f"{'it ' + str(len(found)) + ' times' if found else 'no such class'} (it holds {present})")
+        item = found[0]
+        module, _, cls = str(item.class_path).rpartition(".")
+        accepted = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+        if arg not in accepted:
+            raise UserError(f"{where}: {key!r}: {cls} has no argument {arg!r} (it takes {sorted(accepted)})")
+        if getattr(item, "init_args", None) is None:
+            from jsonargparse import Namespace
+
+            item.init_args = Namespace()
+        before = item.init_args.get(arg, accepted[arg].default)
+        item.init_args[arg] = value
+        return before
+    raise UserError(f"{where}: {key!r} is not a config key (dotted, as in --print_config: e.g. trainer.max_steps, "
+                    "data.init_args.max_length, or trainer.callbacks.<ClassName>.<argument>)")
+
+
 class FTFrameCLI(LightningCLI):
     """LightningCLI with ftframe's links, the always-on adapter export, and validation around ``fit``."""
 
@@ -117,12 +163,7 @@ class FTFrameCLI(LightningCLI):
         if unknown:
             raise UserError(f"when_precision: {unknown} are not precisions; use keys from {sorted(known)}")
         for key, value in (per_precision.get(plan.precision) or {}).items():
-            try:
-                before = config[key]
-            except KeyError:
-                raise UserError(f"when_precision.{plan.precision}: {key!r} is not a config key (dotted, as in "
-                                "--print_config: e.g. trainer.max_steps, data.init_args.max_length)") from None
-            config[key] = value
+            before = _set_config_key(config, key, value, f"when_precision.{plan.precision}")
             if is_rank_zero():
                 print(f"[ftframe] precision {plan.precision}: {key} = {value} (was {before}; from when_precision)",
                       flush=True)

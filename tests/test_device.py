@@ -187,6 +187,35 @@ def test_when_precision_names_a_bad_key(tiny_model, tmp_path):
                    run=False)
 
 
+def test_when_precision_reaches_a_callback_by_class_name(tiny_model, monkeypatch, tmp_path, capsys):
+    from ftframe.callbacks import ForgettingMonitor
+
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: ftframe.callbacks.ForgettingMonitor\n"
+                      "      init_args: {probe_size: 80}\n    - class_path: ftframe.callbacks.AdapterCheckpoint\n"
+                      "when_precision:\n  32-true:\n    trainer.callbacks.ForgettingMonitor.probe_size: 30\n"
+                      "    trainer.callbacks.ForgettingMonitor.reference_windows: 3\n")
+    args = ["--config", str(config), f"--model.model_name={tiny_model}", "--trainer.accelerator=cpu",
+            "--data.train_files=x.jsonl"]
+    monkeypatch.setenv(device.CPU_BF16_ENV, "slow")
+    cli = FTFrameCLI(args=args, run=False)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ForgettingMonitor)]
+    assert (monitor.probe_size, monitor.reference_windows) == (30, 3)
+    out = capsys.readouterr().out
+    assert "trainer.callbacks.ForgettingMonitor.probe_size = 30 (was 80" in out
+    assert "reference_windows = 3 (was 8" in out
+    monkeypatch.setenv(device.CPU_BF16_ENV, "fast")
+    (monitor,) = [c for c in FTFrameCLI(args=args, run=False).trainer.callbacks if isinstance(c, ForgettingMonitor)]
+    assert monitor.probe_size == 80
+    monkeypatch.setenv(device.CPU_BF16_ENV, "slow")
+    for bad, message in (("trainer.callbacks.ForgettingMonitor.probe_sise", "ForgettingMonitor has no argument "
+                          "'probe_sise'"), ("trainer.callbacks.EarlyStopping.patience", "holds no such class")):
+        config.write_text("trainer:\n  callbacks:\n    - class_path: ftframe.callbacks.ForgettingMonitor\n"
+                          f"when_precision:\n  32-true:\n    {bad}: 1\n")
+        with pytest.raises(UserError, match=message):
+            FTFrameCLI(args=args, run=False)
+
+
 TRAINING_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "eval")
 
 
