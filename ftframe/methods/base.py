@@ -76,7 +76,8 @@ class FineTuneModule(LightningModule):
             never converted.
         lean_activations: Keep fewer activation copies for the backward pass, with identical results: under mixed
             precision, layers reading the same input share one 16-bit copy of it and LoRA branches skip peft's exact
-            fp32 round trip of 16-bit inputs; the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it.
+            fp32 round trip of 16-bit inputs; the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it; outside
+            autocast, vanilla LoRA layers run as one fused function (fewer full-width passes; equal to rounding).
         fused_optimizer: Use PyTorch's fused AdamW kernel (one kernel for all parameters; same update).
         neftune_alpha: NEFTune: add uniform noise of size ``alpha / sqrt(length x hidden)`` to the input embeddings while
             training (Jain et al., 2023, https://arxiv.org/abs/2310.05914; ``length`` is each example's own length in
