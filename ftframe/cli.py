@@ -70,8 +70,9 @@ def _set_config_key(config: Any, key: str, value: Any, where: str) -> Any:
         found = [it for it in items if str(getattr(it, "class_path", "")).rsplit(".", 1)[-1] == name]
         if len(found) != 1:
             present = sorted(str(getattr(it, "class_path", it)).rsplit(".", 1)[-1] for it in items)
-            raise UserError(f"{where}: {key!r} names {name!r}, but {'.'.join(parts[:i])} holds "
-                            f"{'it ' + str(len(found)) + ' times' if found else 'no such class'} (it holds {present})")
+            count = f"it {len(found)} times" if found else "no such class"
+            raise UserError(f"{where}: {key!r} names {name!r}, but {'.'.join(parts[:i])} holds {count} "
+                            f"(it holds {present})")
         item = found[0]
         module, _, cls = str(item.class_path).rpartition(".")
         accepted = inspect.signature(getattr(importlib.import_module(module), cls)).parameters

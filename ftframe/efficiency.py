@@ -184,7 +184,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         h = x2 @ a.t()
         y = F.linear(x2, weight, bias)
         y.addmm_(h, b.t(), alpha=scaling)
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        _, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
         ctx.save_for_backward(x2 if (need_w or need_a) else None, h if need_b else None, weight, a, b)
         ctx.scaling, ctx.x_shape = scaling, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
