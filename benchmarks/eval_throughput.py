@@ -44,8 +44,8 @@ def main() -> None:
     from ftframe.device import inference_dtype
     from ftframe.evaluation import load_questions, sample_evenly, score_multiple_choice, summarize
     from ftframe.evaluation.harness import write_lm_eval_task, write_questions
-    from ftframe.generate import Generator
     from ftframe.models import resolve_model
+    from ftframe.tools.generate import Generator
 
     questions = sample_evenly(load_questions("mmlu"), args.questions)
     tmp = Path(tempfile.mkdtemp(prefix="ftframe-evalbench-"))

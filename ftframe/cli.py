@@ -327,10 +327,10 @@ def _tools() -> dict[str, Callable[[list[str]], Any]]:
 
         return run
 
-    return {"generate": lazy("ftframe.generate", "generate", "generate"), "download": _tool(_download, "download"),
-            "compare": lazy("ftframe.compare", "compare", "compare"),
-            "evaluate": lazy("ftframe.evaluation.run", "evaluate", "evaluate"),
-            "merge": lazy("ftframe.merge", "merge", "merge"), "export": lazy("ftframe.export", "export", "export")}
+    return {"generate": lazy("ftframe.tools.generate", "generate", "generate"), "download": _tool(_download, "download"),
+            "compare": lazy("ftframe.tools.compare", "compare", "compare"),
+            "evaluate": lazy("ftframe.tools.evaluate", "evaluate", "evaluate"),
+            "merge": lazy("ftframe.tools.merge", "merge", "merge"), "export": lazy("ftframe.tools.export", "export", "export")}
 
 
 def _quiet_third_party() -> None:

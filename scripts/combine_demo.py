@@ -15,9 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from ftframe.evaluation.run import load_items, score
-from ftframe.generate import Generator
-from ftframe.merge import merge
+from ftframe.tools.evaluate import load_items, score
+from ftframe.tools.generate import Generator
+from ftframe.tools.merge import merge
 
 #: each task: its data, and the options its training run used (so "val" is exactly the held-out split)
 TASKS = {

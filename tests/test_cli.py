@@ -32,7 +32,7 @@ def test_every_config_parses_and_instantiates(path, tiny_model):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ftframe "), f"{path} must open with the command that runs it"
     if path.parent.name == "eval":  # an evaluation gate (ftframe merge/export --eval), not a training config
-        from ftframe.gate import EvalGate
+        from ftframe.tools.gate import EvalGate
 
         gate = EvalGate.from_file(path)
         assert gate.evaluations and f"--eval configs/eval/{path.name}" in first
@@ -172,7 +172,7 @@ def test_generate_with_saved_adapter(tiny_model, tiny_data, tmp_path, capsys):
     main(["generate", f"--adapter={out}", "--prompt=What is one plus two?", "--max_new_tokens=5"])
     printed = capsys.readouterr().out
     assert printed.startswith(">>> What is one plus two?\n")
-    from ftframe.generate import Generator
+    from ftframe.tools.generate import Generator
 
     gen = Generator(adapter=str(out))  # base model read from adapter_config.json
     answer = gen(["What is one plus two?"], max_new_tokens=5)[0]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ftframe.compare import compare
 from ftframe.errors import UserError
 from ftframe.evaluation import extract_answer
+from ftframe.tools.compare import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 

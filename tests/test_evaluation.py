@@ -248,7 +248,7 @@ def test_scoring_from_a_callback_uses_the_model_being_trained(tiny_model, tiny_d
 def test_loss_task_is_the_validation_loss_of_a_run(tiny_model, tiny_data, tmp_path):
     """``ftframe evaluate --task loss --split val`` scores the held-out examples as ``ftframe validate`` does."""
     from ftframe.cli import FTFrameCLI
-    from ftframe.evaluation.run import evaluate
+    from ftframe.tools.evaluate import evaluate
 
     cli = FTFrameCLI(args=["validate", f"--model.model_name={tiny_model}", "--model=FullFineTune",
                            f"--data.train_files={tiny_data}", f"--data.cache_dir={tmp_path / 'c'}",

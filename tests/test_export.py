@@ -12,7 +12,7 @@ import torch
 
 from ftframe import export as export_module
 from ftframe.errors import UserError
-from ftframe.export import SUPPORTED_MODEL_TYPES, TOLERANCES, check_roundtrip, export, write_gguf
+from ftframe.tools.export import SUPPORTED_MODEL_TYPES, TOLERANCES, check_roundtrip, export, write_gguf
 from tests.helpers import loss_gate
 
 # chat-templated, several tokens each: greedy decoding runs past the prompt's own words

@@ -40,8 +40,8 @@ def test_same_predictions_and_accuracy_as_lm_eval(fmt, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from ftframe.evaluation import load_questions, sample_evenly, score_multiple_choice, summarize
     from ftframe.evaluation.harness import write_lm_eval_task, write_questions
-    from ftframe.generate import Generator
     from ftframe.models import resolve_model
+    from ftframe.tools.generate import Generator
 
     questions = sample_evenly(load_questions("mmlu"), N)
     assert len({q.subject for q in questions}) >= 50

@@ -10,7 +10,7 @@ import torch
 
 from ftframe.cli import main
 from ftframe.errors import UserError
-from ftframe.merge import DEFAULT_PROMPTS, MERGE_REPORT, logits_diff, merge, read_trained
+from ftframe.tools.merge import DEFAULT_PROMPTS, MERGE_REPORT, logits_diff, merge, read_trained
 from tests.helpers import loss_gate, tiny_fit_args
 
 #: a learning rate far above a real run's, so 3 steps move the adapter well away from its (identity) start
@@ -48,8 +48,8 @@ def _load(folder):
 
 @pytest.mark.parametrize("method", ["LoRA", "DoRA", "IA3", "QLoRA", "LoftQ"])
 def test_merged_folder_computes_base_plus_adapter(trained, tiny_model, tmp_path, method):
-    from ftframe.generate import Generator
-    from ftframe.merge import load_unmerged
+    from ftframe.tools.generate import Generator
+    from ftframe.tools.merge import load_unmerged
 
     out = tmp_path / "merged"
     report = merge(adapter=str(trained[method]), output=str(out))
@@ -214,8 +214,8 @@ def test_combination_errors(two_loras, trained, tmp_path):
 
 def test_qlora_adapters_combine_on_their_4bit_base(trained, two_loras, tmp_path):
     """Half of one QLoRA adapter plus half of itself (svd) is that adapter again, on the same 4-bit base."""
-    from ftframe.generate import Generator
     from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
+    from ftframe.tools.generate import Generator
 
     q = str(trained["QLoRA"])
     out = tmp_path / "combined"
@@ -304,7 +304,7 @@ def test_gate_refuses_or_marks_a_combination_that_loses_a_task(two_loras, tiny_d
 
 
 def test_gate_compare_directions():
-    from ftframe.gate import EvalGate
+    from ftframe.tools.gate import EvalGate
 
     gate = EvalGate([{"name": "acc", "metric": "acc", "max_drop": 0.02},
                      {"name": "ppl", "metric": "perplexity", "max_drop": 0.05}])
@@ -326,7 +326,7 @@ def test_gate_compare_directions():
     ("evaluations:\n  - {task: loss, max_drop: -1}\n", r"max_drop must be a number >= 0"),
 ])
 def test_gate_file_errors_name_the_file_and_key(tmp_path, text, message):
-    from ftframe.gate import EvalGate
+    from ftframe.tools.gate import EvalGate
 
     path = tmp_path / "gate.yaml"
     path.write_text(text)

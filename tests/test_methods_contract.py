@@ -308,7 +308,7 @@ def test_loftq_is_refused_without_a_quantized_base(tiny_model):
 
 @pytest.mark.parametrize("name", ["BottleneckAdapters", "QLoRA", "LoftQ"])
 def test_generate_loads_non_peft_and_quantized_artifacts(name, tiny_model, tiny_data, cache_dir, tmp_path):
-    from ftframe.generate import Generator
+    from ftframe.tools.generate import Generator
 
     module, data, trainer = _build(METHODS[name], tiny_model, tiny_data, cache_dir, tmp_path)
     trainer.fit(module, datamodule=data)

@@ -18,8 +18,8 @@ MODEL = "smollm2-135m-instruct"
 
 
 def test_gguf_loads_converts_and_generates():
-    from ftframe.generate import Generator
     from ftframe.models import resolve_model
+    from ftframe.tools.generate import Generator
 
     folder = resolve_model(MODEL)
     assert (assets.cache_root() / "converted").as_posix() in folder

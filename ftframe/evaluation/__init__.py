@@ -1,7 +1,7 @@
 """Evaluation: multiple-choice benchmarks (lm-evaluation-harness's scoring), perplexity, generation exact match.
 
 The scoring functions take a model and a tokenizer and nothing else, so a callback can call them on the model being
-trained (no second copy); ``ftframe evaluate`` (:func:`ftframe.evaluation.run.evaluate`) loads a model and writes
+trained (no second copy); ``ftframe evaluate`` (:func:`ftframe.tools.evaluate.evaluate`) loads a model and writes
 reports.
 """
 

@@ -357,7 +357,7 @@ def compare(
             print(f"[ftframe compare] {i}/{len(specs)} {label}: results exist in {run_dir}, skipped", flush=True)
         else:
             result.unlink(missing_ok=True)
-            probe = {"class_path": "ftframe.compare.ComparisonProbe",
+            probe = {"class_path": "ftframe.tools.compare.ComparisonProbe",
                      "init_args": {"output": str(result), "metric_examples": metric_examples,
                                    "answer_pattern": answer_pattern, "max_new_tokens": max_new_tokens}}
             argv = [sys.executable, "-m", "ftframe", "fit", *[a for c in configs for a in ("--config", c)],

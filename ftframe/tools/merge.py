@@ -60,7 +60,7 @@ def load_unmerged(info: TrainedFolder, model: str | None = None) -> tuple[Any, d
     For an adapter trained on a 4-bit base, the base is quantized exactly as in training (computing in float32) and
     the second value holds every base weight with the 4-bit ones dequantized to float32, for :func:`merge_in_memory`.
     """
-    from ftframe.generate import _load_peft
+    from ftframe.tools.generate import _load_peft
 
     name = model or info.base
     if not name:
@@ -120,7 +120,7 @@ def _dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _plain_model(unmerged: Any, dequantized: dict[str, torch.Tensor], info: TrainedFolder, name: str) -> Any:
     """A float32 model without quantization holding ``dequantized``, with the adapter loaded on top."""
-    from ftframe.generate import _load_peft
+    from ftframe.tools.generate import _load_peft
 
     auto, _ = info.auto_class()
     config = unmerged.get_base_model().config.__class__.from_dict(unmerged.get_base_model().config.to_dict())
@@ -156,7 +156,7 @@ def merge_in_memory(adapter: str, model: str | None = None,
         source = _plain_model(unmerged, dequantized, info, name) if dequantized is not None else None
         if source is None:
             # merge_and_unload folds into the very modules the unmerged model uses: merge a second copy
-            from ftframe.generate import _load_peft
+            from ftframe.tools.generate import _load_peft
 
             auto, kwargs = info.auto_class()
             source = _load_peft(load_model(name, auto, dtype="float32", **kwargs), info.path, name)
@@ -250,7 +250,7 @@ def merge(
                         "(combine LoRA adapters into one)")
     out = Path(output)
     _check_output(out, overwrite)
-    from ftframe.gate import EvalGate
+    from ftframe.tools.gate import EvalGate
 
     gate = EvalGate.from_file(eval) if eval else None
     if adapters:
@@ -406,7 +406,7 @@ def combine(
                         f"in different ways: {sorted(quantized)}): combine adapters trained on one base")
     base = _combine_base(infos[0], name, auto, kwargs)
     names = [f"input{i}" for i in range(len(infos))]
-    from ftframe.generate import _load_peft
+    from ftframe.tools.generate import _load_peft
 
     peft_model = _load_peft(base, infos[0].path, name)  # checks that the adapter fits the base
     peft_model.load_adapter(str(infos[0].path), adapter_name=names[0])

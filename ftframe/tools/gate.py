@@ -86,7 +86,7 @@ class EvalGate:
         """Read and check a gate YAML; errors name the file, the entry and the key."""
         import yaml
 
-        from ftframe.evaluation.run import OPTIONS
+        from ftframe.tools.evaluate import OPTIONS
 
         file = Path(path)
         if not file.is_file():
@@ -133,7 +133,7 @@ class EvalGate:
 
     def prepare(self, tokenizer: str | None) -> None:
         """Read every evaluation's data now (before the slow work), tokenizing with ``tokenizer`` where needed."""
-        from ftframe.evaluation.run import OPTIONS, load_items
+        from ftframe.tools.evaluate import OPTIONS, load_items
 
         for i, entry in enumerate(self.evaluations):
             if self._items[i] is None:
@@ -141,7 +141,7 @@ class EvalGate:
 
     def score(self, model: Any, tokenizer: Any, tokenizer_source: str | None = None) -> dict[str, float]:
         """Each evaluation's metric for one loaded model."""
-        from ftframe.evaluation.run import OPTIONS, score
+        from ftframe.tools.evaluate import OPTIONS, score
 
         self.prepare(tokenizer_source or getattr(tokenizer, "name_or_path", None))
         out = {}

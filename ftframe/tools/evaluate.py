@@ -81,7 +81,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {out}: {e.strerror}") from None
-    from ftframe.generate import Generator
+    from ftframe.tools.generate import Generator
 
     # read and check the data before the (slow) model load
     items = load_items(opts, tokenizer=adapter or model)

@@ -521,14 +521,14 @@ def export(
     check_writable(out.parent, "--output")
     gate = None
     if eval is not None:
-        from ftframe.gate import EvalGate
+        from ftframe.tools.gate import EvalGate
 
         gate = EvalGate.from_file(eval)
         gate.prepare(adapter or model)  # read the gate's data now, not after the export
 
     merge_info = None
     if adapter is not None:
-        from ftframe.merge import merge_in_memory
+        from ftframe.tools.merge import merge_in_memory
 
         print(f"[ftframe] merging adapter {adapter} into {model or 'its base'}", flush=True)
         source, tokenizer, merge_info = merge_in_memory(adapter=adapter, model=model, dtype="float32")
