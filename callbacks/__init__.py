@@ -5,5 +5,6 @@ from ftframe.callbacks.adapter_export import AdapterExport
 from ftframe.callbacks.classification_report import ClassificationReport
 from ftframe.callbacks.forgetting import ForgettingMonitor
 from ftframe.callbacks.graceful_stop import GracefulStop
+from ftframe.callbacks.nonfinite_guard import NonFiniteGuard
 
-__all__ = ["AdapterCheckpoint", "AdapterExport", "ClassificationReport", "ForgettingMonitor", "GracefulStop"]
+__all__ = ["AdapterCheckpoint", "AdapterExport", "ClassificationReport", "ForgettingMonitor", "GracefulStop", "NonFiniteGuard"]

@@ -18,14 +18,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
 from ftframe.errors import UserError
 
-__all__ = ["METADATA_FILE", "TrainedFolder", "check_writable", "gather_trained", "log_dir", "metadata", "read_trained",
-           "replace_dir", "write_trained", "writing"]
+__all__ = ["BASE_QUANTIZATION_FILE", "METADATA_FILE", "TrainedFolder", "check_writable", "gather_trained",
+           "load_peft_adapter", "log_dir", "merge_peft", "metadata", "read_trained", "replace_dir", "write_trained", "writing"]
 
 METADATA_FILE = "ftframe.json"
 
@@ -150,13 +150,20 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
+#: Written next to an adapter trained on a 4-bit base (QLoRA, LoftQ): the ``BitsAndBytesConfig`` that rebuilds it.
+BASE_QUANTIZATION_FILE = "ftframe_base_quantization.json"
+
+
 @dataclass
 class TrainedFolder:
-    """What a folder written by ``ftframe fit`` holds, read from its files (nothing loaded)."""
+    """What a folder written by ``ftframe fit`` holds, read from its files (nothing loaded).
+
+    The method class recorded in ``ftframe.json`` loads it (:meth:`FineTuneModule.load_trained`, through
+    :func:`ftframe.methods.load_trained`); a folder without that record is read as a plain peft adapter or model.
+    """
 
     path: Path
-    kind: Literal["peft", "bottleneck", "full"]
-    peft_config: dict[str, Any] = field(default_factory=dict)
+    peft_config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json of a peft adapter
     metadata: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None  # the BitsAndBytesConfig of the 4-bit base the adapter was trained on
 
@@ -165,13 +172,17 @@ class TrainedFolder:
         return self.peft_config.get("base_model_name_or_path") or self.metadata.get("model_name")
 
     @property
+    def is_peft(self) -> bool:
+        return (self.path / "adapter_config.json").is_file()
+
+    @property
     def method(self) -> str:
         method = self.metadata.get("method")
         if method:
             return method.rsplit(".", 1)[-1]
-        if self.kind == "peft":
+        if self.is_peft:
             return "DoRA" if self.peft_config.get("use_dora") else str(self.peft_config.get("peft_type"))
-        return self.kind
+        return "full model"
 
     def auto_class(self) -> tuple[Any, dict[str, Any]]:
         """The transformers auto-class for the task the folder was trained for, and its ``from_pretrained`` kwargs."""
@@ -186,58 +197,53 @@ class TrainedFolder:
 
 
 def read_trained(folder: str, option: str = "--adapter") -> TrainedFolder:
-    """Identify a trained folder: a peft adapter, bottleneck adapters or a full model; errors name ``option``."""
-    from ftframe.methods.bottleneck import CONFIG as BOTTLENECK_CONFIG
-    from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
-
+    """Read a trained folder's records (``ftframe.json``, a peft ``adapter_config.json``, the 4-bit base's config);
+    errors name ``option``."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{option} {folder!r} is not a folder; pass the folder `ftframe fit` wrote "
                         "(<log_dir>/adapter by default)")
     meta_file = path / METADATA_FILE
     metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if (path / "adapter_config.json").is_file():
-        info = TrainedFolder(path, "peft", json.loads((path / "adapter_config.json").read_text()), metadata)
-    elif (path / BOTTLENECK_CONFIG).is_file():
-        # (its config records the base like a peft adapter's does)
-        info = TrainedFolder(path, "bottleneck", json.loads((path / BOTTLENECK_CONFIG).read_text()), metadata)
-    elif (path / "config.json").is_file():
-        info = TrainedFolder(path, "full", {}, metadata)
-    else:
-        raise UserError(f"{option} {folder!r} has none of adapter_config.json (peft adapter), {BOTTLENECK_CONFIG} "
-                        "(bottleneck adapters) or config.json (full model)")
+    config = path / "adapter_config.json"
+    if not (metadata or config.is_file() or (path / "config.json").is_file() or any(path.glob("*.safetensors"))):
+        raise UserError(f"{option} {folder!r} is not a trained folder: it has none of {METADATA_FILE} (written by "
+                        "ftframe fit), adapter_config.json (peft adapter) or config.json (full model)")
+    info = TrainedFolder(path, json.loads(config.read_text()) if config.is_file() else {}, metadata)
     quant_file = path / BASE_QUANTIZATION_FILE
     if quant_file.is_file():  # QLoRA / LoftQ: the exact 4-bit config of the base
         info.quantization = json.loads(quant_file.read_text())["quantization_config"]
-    elif info.kind == "peft" and _trained_on_4bit(metadata):
-        info.quantization = _qlora_quantization(metadata.get("hparams") or {})
     return info
 
 
-def _trained_on_4bit(metadata: dict[str, Any]) -> bool:
-    """Whether the method recorded in ``ftframe.json`` is QLoRA or a subclass of it."""
-    import importlib
+def load_peft_adapter(base: Any, folder: Path, base_name: str) -> Any:
+    """``PeftModel.from_pretrained``, with a mismatch between adapter and base reported as one clear error."""
+    import warnings
 
-    from ftframe.methods.qlora import QLoRA
+    from peft import PeftModel
 
-    module, _, name = str(metadata.get("method") or "").rpartition(".")
+    recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    hint = (f"the adapter {folder} was trained on {recorded!r}; it does not fit the base {base_name!r}. "
+            "Pass the base it was trained on (--model), or omit --model to use the recorded one")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            loaded = PeftModel.from_pretrained(base, str(folder))
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise UserError(f"{hint} ({type(e).__name__}: {first})") from None
+    missing = [w for w in caught if "missing adapter keys" in str(w.message).lower()]
+    if missing:
+        raise UserError(f"{hint} (peft: {str(missing[0].message).splitlines()[0][:300]})")
+    for w in caught:
+        if "missing adapter keys" not in str(w.message).lower():
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
+
+
+def merge_peft(model: Any, folder: Path) -> Any:
+    """peft's ``merge_and_unload`` (``safe_merge``: NaNs refused), its refusals as a :class:`UserError`."""
     try:
-        cls = getattr(importlib.import_module(module), name) if module else None
-    except (ImportError, AttributeError):
-        return name == "QLoRA"
-    return isinstance(cls, type) and issubclass(cls, QLoRA)
-
-
-def _qlora_quantization(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The BitsAndBytesConfig (as a dict) QLoRA trained with, from its saved hyperparameters (defaults where absent)."""
-    import inspect
-
-    from ftframe.methods.qlora import QLoRA, nf4_config
-
-    params = inspect.signature(QLoRA.__init__).parameters
-
-    def get(name: str) -> Any:
-        return hparams.get(name, params[name].default)
-
-    # the storage dtype only packs the same 4-bit values differently: uint8 is the one that runs anywhere
-    return nf4_config(get("quant_type"), get("double_quant"), get("compute_dtype"), "uint8").to_dict()
+        return model.merge_and_unload(safe_merge=True)
+    except ValueError as e:  # NaNs found by safe_merge, or a layer type peft cannot merge
+        raise UserError(f"peft could not merge {folder}: {e}") from None

@@ -14,14 +14,19 @@ strategies need to know about fine-tuned models:
 
 from __future__ import annotations
 
+import os
+from functools import partial
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 from ftframe.errors import UserError
 
-__all__ = ["RootForward", "clean_name", "decoder_block_policy", "explain_strategy_error", "fsdp_auto_wrap_policy", "gather_weights",
-           "is_block", "mark_tied_parameters", "shards_parameters", "trainable_names"]
+__all__ = ["RootForward", "any_rank", "clean_name", "decoder_block_policy", "explain_strategy_error", "fsdp_auto_wrap_policy",
+           "gather_objects", "gather_weights", "is_block", "mark_tied_parameters", "meta_init_here", "prepare_meta_init",
+           "save_pretrained", "shards_parameters", "trainable_names", "zero3_loading_config"]
 
 #: key of :func:`gather_weights`'s result holding a prompt-learning adapter's virtual-token embeddings
 PROMPT_EMBEDDINGS = "__ftframe_prompt_embeddings__"
@@ -203,3 +208,123 @@ class RootForward(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["model"], name)
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+def any_rank(trainer: Any, device: torch.device, *flags: bool) -> Any:
+    """Whether each flag is set on any process (one collective for all); a single flag gives a single bool."""
+    if trainer is not None and trainer.world_size > 1:
+        t = torch.tensor([float(f) for f in flags], device=device)
+        flags = tuple(bool(v) for v in trainer.strategy.reduce(t, reduce_op="max").tolist())
+    return flags[0] if len(flags) == 1 else flags
+
+
+def gather_objects(trainer: Any, mine: list[Any]) -> list[Any]:
+    """Every process's list concatenated in rank order (``mine`` alone in a single process). Collective."""
+    if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+        every: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(every, mine)
+        mine = [i for rank in every for i in rank]
+    return mine
+
+
+# ---------------------------------------------------------------------------------------------- building the model
+def zero3_loading_config(trainer: Any) -> Any:
+    """transformers' ``HfDeepSpeedConfig`` for a DeepSpeed ZeRO-3 run (its existence switches ``from_pretrained`` to
+    loading into partitioned weights; keep it alive for the run), else ``None``."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if not getattr(strategy, "zero_stage_3", False):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(strategy.config)
+
+
+def meta_init_here(trainer: Any, allowed: bool) -> bool:
+    """Whether this process builds the model on the meta device: FSDP with several processes, ranks other than 0
+    (rank 0 reads the weights and FSDP broadcasts them while it wraps the model). Tells FSDP to broadcast them."""
+    if not (allowed and trainer is not None and trainer.world_size > 1
+            and "FSDPStrategy" in {t.__name__ for t in type(trainer.strategy).__mro__}):
+        return False
+    trainer.strategy.kwargs.setdefault("sync_module_states", True)  # rank 0's weights to every rank
+    return trainer.global_rank != 0
+
+
+def prepare_meta_init(trainer: Any, model: torch.nn.Module) -> None:
+    """Give FSDP the ``param_init_fn`` that fills a meta-device ``model`` unit by unit, tied weights kept as one."""
+    users: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            users.setdefault(id(param), []).append((module, name))
+    tied = {key: holders for key, holders in users.items() if len(holders) > 1}
+    trainer.strategy.kwargs["param_init_fn"] = partial(_materialize, device=trainer.strategy.root_device, tied=tied)
+
+
+def _materialize(module: torch.nn.Module, device: torch.device,
+                 tied: dict[int, list[tuple[torch.nn.Module, str]]]) -> None:
+    """FSDP ``param_init_fn``: storage for a meta-device module's own tensors (their values come from rank 0).
+
+    ``tied``: the modules holding each shared parameter (by the meta parameter's id), which receive the new tensor
+    too -- ``to_empty`` replaces a parameter in its own module only, and a broken tie would change the model.
+    """
+    own = dict(module.named_parameters(recurse=False))
+    if not any(t.is_meta for t in (*own.values(), *module.buffers(recurse=False))):
+        return  # (FSDP passes modules around the meta ones too, e.g. metrics)
+    module.to_empty(device=device, recurse=False)
+    for name, before in own.items():
+        for holder, attr in tied.get(id(before), []):
+            if holder is not module:
+                setattr(holder, attr, getattr(module, name))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_pretrained(model: torch.nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None,
+                    offline: bool = False, **extra: Any) -> None:
+    """``model.save_pretrained`` in safetensors, from ``state_dict`` (keyed as the LightningModule's: ``model.``...,
+    gathered by :func:`gather_weights` under a sharding strategy) or the model's own weights.
+
+    ``offline``: the base is local (asset, folder, gguf): peft must not look its name up on the hub while saving.
+    ``extra``: more ``save_pretrained`` arguments.
+    """
+    kwargs: dict[str, Any] = dict(extra)
+    prompt = None
+    if state_dict is not None:
+        weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        prompt = state_dict.get(PROMPT_EMBEDDINGS)
+        kwargs["state_dict"] = weights
+    gathered = state_dict is not None and hasattr(model, "peft_config")
+    if gathered:
+        # peft picks an adapter's entries by the module names it walks, which under FSDP hold the wrappers' parts:
+        # name the gathered tensors that way, and take the parts out of the written file again (a module wrapped
+        # alone -- "lora_A.default._fsdp_wrapped_module.weight" -- keeps its own part clean: peft takes the adapter
+        # name out of the last two parts of a key)
+        wrapped = {clean_name(n): _unwrap_leaf(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+        kwargs["state_dict"] = {wrapped.get(k, k): v for k, v in kwargs["state_dict"].items()}
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"} if offline else {}):
+        if prompt is None:
+            model.save_pretrained(directory, safe_serialization=True, **kwargs)
+        else:
+            # prompt learning under sharding: peft would run the prompt encoder here, on rank 0 alone, where the
+            # encoder's weights are shards; its output was computed by every rank beforehand (gather_weights)
+            with mock.patch.object(model, "get_prompt_embedding_to_save", lambda adapter_name: prompt):
+                model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    if gathered:
+        _clean_saved_names(Path(directory))
+
+
+def _unwrap_leaf(name: str) -> str:
+    """``name`` without a wrapper part right before its last component (the wrapped module's own parameter)."""
+    head, _, leaf = name.rpartition(".")
+    while head and clean_name(head.rpartition(".")[2] + ".") == "":
+        head = head.rpartition(".")[0]
+    return f"{head}.{leaf}" if head else leaf
+
+
+def _clean_saved_names(directory: Path) -> None:
+    """Rewrite ``directory``'s safetensors files with parameter names free of wrapper parts (FSDP's)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in directory.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        if any(clean_name(k) != k for k in tensors):
+            save_file({clean_name(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})

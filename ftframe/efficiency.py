@@ -5,6 +5,7 @@ Each is applied by :class:`ftframe.methods.FineTuneModule` in ``configure_model`
 
 from __future__ import annotations
 
+import math
 import types
 import weakref
 from typing import Any
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ftframe.models import transformer_blocks, transformers_model
+from ftframe.packing import token_lengths
 
-__all__ = ["cast_frozen_linear", "compile_blocks", "lean_activations", "own_mapped_weights"]
+__all__ = ["add_neftune", "cast_frozen_linear", "compile_blocks", "lean_activations", "own_mapped_weights"]
 
 # Architectures whose MLP is ``down(silu(gate(x)) * up(x))``
 SWIGLU_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -275,3 +277,22 @@ def lean_activations(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_swiglu_forward, module)
             changed += 1
     return changed
+
+
+def add_neftune(model: torch.nn.Module, alpha: float) -> None:
+    """NEFTune (Jain et al., 2023, https://arxiv.org/abs/2310.05914): in training mode, add uniform noise of size
+    ``alpha / sqrt(length x hidden)`` to the input embeddings' output (``length``: each example's own length in packed
+    batches, the padded length otherwise)."""
+    embeddings = model.get_input_embeddings()
+
+    def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return out
+        lengths = token_lengths()
+        if lengths is not None and lengths.numel() == out.shape[1]:
+            scale = alpha / torch.sqrt(lengths.to(out.device, torch.float32) * out.shape[-1])[None, :, None]
+        else:
+            scale = alpha / math.sqrt(out.shape[1] * out.shape[-1])
+        return out + torch.empty_like(out).uniform_(-1, 1) * scale
+
+    embeddings.register_forward_hook(hook)

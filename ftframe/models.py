@@ -12,6 +12,7 @@ A model name may be
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +24,8 @@ from ftframe import assets
 from ftframe.errors import UserError
 
 __all__ = [
-    "DTYPES", "DTypeName", "load_model", "load_tokenizer", "resolve_model", "transformer_blocks", "transformers_model",
+    "DTYPES", "DTypeName", "check_target_modules", "load_model", "load_tokenizer", "logical_numel", "resolve_model",
+    "transformer_blocks", "transformers_model",
 ]
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -150,3 +152,22 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not lists:
         raise UserError(f"{type(model).__name__} has no list of transformer blocks")
     return max(lists, key=len)
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """Number of weights a parameter stands for: a bitsandbytes 4-bit tensor packs two per byte."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
+def check_target_modules(model: torch.nn.Module, targets: Any, method: str) -> None:
+    """Fail early, naming the valid choices, when a peft config's ``target_modules`` are not modules of ``model``."""
+    if targets is None or isinstance(targets, str):  # None: peft's per-architecture default; str: regex/"all-linear"
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    leaf_names = {name.rsplit(".", 1)[-1] for name in names}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = sorted(t for t in targets if t not in leaf_names and not any(n.endswith(t) for n in names))
+    if missing:
+        raise UserError(f"{method}: target_modules {missing} not found in {type(model).__name__}. Linear modules of "
+                        f"this model: {linear}; or use target_modules: all-linear")

@@ -7,35 +7,68 @@ trainable-only checkpoints, saving the trained weights) so that a method is a ha
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from functools import partial
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, final
+from typing import Any, ClassVar, Literal, final
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
+from lightning.pytorch.utilities import rank_zero_info
 
+from ftframe.artifacts import TrainedFolder, load_peft_adapter, merge_peft
 from ftframe.distributed import (
-    PROMPT_EMBEDDINGS,
-    clean_name,
     mark_tied_parameters,
+    meta_init_here,
+    prepare_meta_init,
+    save_pretrained,
     shards_parameters,
     trainable_names,
+    zero3_loading_config,
 )
-from ftframe.efficiency import cast_frozen_linear, compile_blocks, lean_activations, own_mapped_weights
+from ftframe.efficiency import (
+    add_neftune,
+    cast_frozen_linear,
+    compile_blocks,
+    lean_activations,
+    own_mapped_weights,
+)
 from ftframe.errors import UserError
-from ftframe.models import DTYPES, DTypeName, load_model, load_tokenizer, resolve_model
-from ftframe.packing import batch_examples, enable_varlen_attention, token_lengths
+from ftframe.metrics import StageMetrics
+from ftframe.models import (
+    DTYPES,
+    DTypeName,
+    check_target_modules,
+    load_model,
+    load_tokenizer,
+    logical_numel,
+    resolve_model,
+)
+from ftframe.optim import OptimizerSettings, configure_adamw
+from ftframe.packing import batch_examples, enable_varlen_attention
 from ftframe.tasks import CausalLM, Task
 
-__all__ = ["DEFAULT_MODEL", "FineTuneModule"]
+__all__ = ["DEFAULT_MODEL", "FineTuneModule", "Variant"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a method that ftframe's own tests and ``ftframe compare`` run.
+
+    Args:
+        options: Constructor options on the tiny test model (``tests/conftest.py``).
+        trains: Regular expression (``re.search``) matching exactly the names of the parameters it trains.
+        matrix: A row of the compatibility matrix and of the multi-process tests (else the contract tests only).
+        compare: ``(label, spec)`` for ``ftframe compare``: a YAML under ``configs/methods`` followed by extra
+            ``ftframe fit`` arguments; ``None``: not compared.
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)
+    trains: str = "."
+    matrix: bool = True
+    compare: tuple[str, str] | None = None
 
 
 class FineTuneModule(LightningModule):
@@ -84,10 +117,6 @@ class FineTuneModule(LightningModule):
             packed batches, the padded length otherwise); ``null`` disables. Papers use 5-15.
         compile: ``torch.compile`` each transformer block (fuses elementwise work; the first steps are slower while
             it compiles).
-        max_nonfinite_steps: A step whose loss or gradients are not finite (inf / NaN) is skipped -- the weights and
-            optimizer state stay as they were -- with a warning naming the batch's examples; after this many such
-            steps training stops with an error, and the last checkpoint (written before them) is kept. ``0`` stops
-            at the first one.
     """
 
     #: Whether frozen weights are used only in matmuls, so that ``frozen_dtype: auto`` may store them in the
@@ -100,6 +129,8 @@ class FineTuneModule(LightningModule):
     meta_init: bool = True
     #: Set by ``configure_model``: this process built the model on the ``meta`` device (see :attr:`meta_init`).
     built_on_meta: bool = False
+    #: The configurations ftframe's tests and ``ftframe compare`` run, by label (see :class:`Variant`).
+    variants: ClassVar[dict[str, Variant]] = {}
 
     def __init__(
         self,
@@ -118,51 +149,30 @@ class FineTuneModule(LightningModule):
         fused_optimizer: bool = True,
         neftune_alpha: float | None = None,
         compile: bool = False,
-        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
-        if learning_rate <= 0:
-            raise UserError(f"learning_rate must be > 0, got {learning_rate}")
-        if warmup_steps < 0:
-            raise UserError(f"warmup_steps must be >= 0 (steps, or a fraction < 1 of all steps), got {warmup_steps}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.optimizer = OptimizerSettings(learning_rate, weight_decay, betas, warmup_steps, lr_schedule, min_lr_ratio,
+                                           fused_optimizer)
         self.save_hyperparameters(ignore=["task"])
         self.model_name = model_name
         self.task = task if task is not None else CausalLM()
         self.dtype_name = dtype
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
-        self.warmup_steps = warmup_steps
-        self.lr_schedule = lr_schedule
-        self.min_lr_ratio = min_lr_ratio
         self.gradient_checkpointing = gradient_checkpointing
         self.frozen_dtype = frozen_dtype
-        self.fused_optimizer = fused_optimizer
         self.lean_activations = lean_activations
         self.compile_blocks = compile
         if neftune_alpha is not None and neftune_alpha <= 0:
             raise UserError(f"neftune_alpha must be > 0 or null, got {neftune_alpha}")
         self.neftune_alpha = neftune_alpha
-        if max_nonfinite_steps < 0:
-            raise UserError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradients in this run
-        self._skip_step = False  # the step being accumulated had a non-finite loss
-        self._step_ids: list[Any] = []  # the examples of the step being accumulated
+        self.step_tokens: torch.Tensor | None = None  # supervised tokens of the last training batch
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         # Checkpoints hold trainable weights only, so loading them must not demand the frozen base.
         self.strict_loading = False
         self._hf_deepspeed: Any = None  # transformers' ZeRO-3 loading switch, alive for the run (see configure_model)
-        self.val_loss = MeanMetric()
-        self.val_metrics: Any = None  # the task's metrics (e.g. accuracy, F1), built with the model
-        self.test_metrics: Any = None
+        self.eval_metrics: torch.nn.ModuleDict | None = None  # "val" / "test" -> StageMetrics, built with the model
         #: the last computed ``{"val": ..., "test": ...}`` metric values, tensors included (confusion matrices)
         self.computed_metrics: dict[str, dict[str, torch.Tensor]] = {}
-        self._member_loss = torch.nn.ModuleDict()  # "<stage>__<data set>" -> MeanMetric (several data sets)
-        self._member_metrics = torch.nn.ModuleDict()
 
     # ------------------------------------------------------------------ hooks for subclasses
     def check_base(self, config: Any) -> None:
@@ -201,7 +211,7 @@ class FineTuneModule(LightningModule):
         shards (FSDP, ZeRO-3: gathered by :func:`ftframe.artifacts.gather_trained`); ``None`` reads the module.
         """
         assert self.model is not None, "configure_model() has not run"
-        self._save(self.model, str(directory), **_weights_kwargs(state_dict))
+        self._save(self.model, str(directory), state_dict)
 
     def saves_trained_weights_only(self) -> bool:
         """Whether :meth:`save_trained` writes trained weights only (an adapter) rather than the whole model.
@@ -222,32 +232,42 @@ class FineTuneModule(LightningModule):
 
         return self.model.disable_adapter() if isinstance(self.model, PeftModel) else None
 
-    def _save(self, model: torch.nn.Module, directory: str, **kwargs: Any) -> None:
-        """``model.save_pretrained`` in safetensors, with the hub switched off when the base is local."""
-        prompt = kwargs.get("state_dict", {}).pop(PROMPT_EMBEDDINGS, None)
-        gathered = "state_dict" in kwargs and hasattr(model, "peft_config")
-        if gathered:
-            # peft picks an adapter's entries by the module names it walks, which under FSDP hold the wrappers'
-            # parts: name the gathered tensors that way, and take the parts out of the written file again
-            # (a module wrapped alone -- "lora_A.default._fsdp_wrapped_module.weight" -- keeps its own part clean:
-            # peft takes the adapter name out of the last two parts of a key)
-            wrapped = {clean_name(n): _unwrap_leaf(n) for n, _ in model.named_parameters(remove_duplicate=False)}
-            kwargs["state_dict"] = {wrapped.get(k, k): v for k, v in kwargs["state_dict"].items()}
-        with _env(HF_HUB_OFFLINE="1") if resolve_model(self.model_name) != self.model_name else nullcontext():
-            # (a local base -- asset, folder, gguf: peft must not look its name up on the hub while saving)
-            if prompt is None:
-                model.save_pretrained(directory, safe_serialization=True, **kwargs)
-                if gathered:
-                    _clean_saved_names(Path(directory))
-                return
-            # prompt learning under sharding: peft would run the prompt encoder here, on rank 0 alone, where the
-            # encoder's weights are shards; its output was computed by every rank beforehand (gather_trained)
-            original = model.get_prompt_embedding_to_save
-            model.get_prompt_embedding_to_save = lambda adapter_name: prompt
-            try:
-                model.save_pretrained(directory, safe_serialization=True, **kwargs)
-            finally:
-                model.get_prompt_embedding_to_save = original
+    @classmethod
+    def load_base(cls, folder: TrainedFolder, name: str, dtype: DTypeName) -> torch.nn.Module:
+        """The base model ``folder``'s adapter was trained on, as training saw it (``QLoRA``: 4-bit again)."""
+        auto, kwargs = folder.auto_class()
+        return load_model(name, auto, dtype=dtype, **kwargs)
+
+    @classmethod
+    def load_trained(cls, folder: TrainedFolder, model: str | None = None,
+                     dtype: DTypeName = "float32") -> torch.nn.Module:
+        """Rebuild what :meth:`save_trained` wrote: the base (:meth:`load_base`; ``model``: another name for it) with
+        the peft adapter on top, or the whole model. The counterpart every command loads trained folders through."""
+        if not folder.is_peft:
+            auto, kwargs = folder.auto_class()
+            return load_model(str(folder.path), auto, dtype=dtype, **kwargs)
+        name = model or folder.base
+        if not name:
+            raise UserError(f"no base model recorded in {folder.path}; pass --model")
+        return load_peft_adapter(cls.load_base(folder, name, dtype), folder.path, name)
+
+    @classmethod
+    def merge_trained(cls, folder: TrainedFolder, model: str | None = None) -> tuple[torch.nn.Module, str]:
+        """The trained model as one plain transformers model in float32 (the update folded into the base weights),
+        and a note saying how. Methods whose update is not a weight change raise :class:`UserError` saying why."""
+        loaded = cls.load_trained(folder, model, "float32")
+        if not folder.is_peft:
+            return loaded, "a full model folder: nothing to merge, weights rewritten in the chosen dtype"
+        if loaded.peft_config["default"].is_prompt_learning:
+            raise UserError(f"{folder.path} is a {folder.peft_config['peft_type']} adapter: it learns virtual tokens "
+                            "(or per-layer key/value prefixes) fed with every input, not a change to the base's "
+                            "weights, so it cannot be merged. Use it with `ftframe generate --adapter`, or train a "
+                            "weight-adapting method (LoRA, DoRA, IA3) to get a plain merged model")
+        return merge_peft(loaded, folder.path), "merged in float32"
+
+    def _save(self, model: torch.nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None,
+              **extra: Any) -> None:
+        save_pretrained(model, directory, state_dict, offline=resolve_model(self.model_name) != self.model_name, **extra)
 
     # ------------------------------------------------------------------ plumbing
     @final
@@ -265,8 +285,8 @@ class FineTuneModule(LightningModule):
             # module names come from the architecture alone: check them on a weightless (meta) skeleton
             with torch.device("meta"):
                 skeleton = self.task.auto_class().from_config(config)
-            _check_target_modules(skeleton, peft_config, type(self).__name__)
-        if self._meta_init_here():
+            check_target_modules(skeleton, peft_config.target_modules, type(self).__name__)
+        if meta_init_here(self._trainer, self.meta_init):
             # FSDP, rank > 0: the architecture alone; rank 0 reads the weights and FSDP broadcasts them while it wraps
             # the model (sync_module_states), materializing these modules on the device first (param_init_fn)
             with torch.device("meta"):
@@ -275,7 +295,7 @@ class FineTuneModule(LightningModule):
         else:
             # DeepSpeed ZeRO-3 builds the model inside deepspeed.zero.Init, which partitions each weight as it is
             # created: transformers must know, to load checkpoint weights into the partitions (kept for the run)
-            self._hf_deepspeed = _zero3_loading_config(self._trainer)
+            self._hf_deepspeed = zero3_loading_config(self._trainer)
             model = self.load_base_model()
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -300,32 +320,14 @@ class FineTuneModule(LightningModule):
                 model.enable_input_require_grads()
         mark_tied_parameters(model)  # for FSDP's wrapping policy: shared weights stay in one unit
         if self.built_on_meta:
-            # FSDP fills meta modules one by one; tied weights must become one tensor again (see _materialize)
-            users: dict[int, list[tuple[torch.nn.Module, str]]] = {}
-            for module in model.modules():
-                for name, param in module.named_parameters(recurse=False):
-                    users.setdefault(id(param), []).append((module, name))
-            tied = {key: holders for key, holders in users.items() if len(holders) > 1}
-            self._trainer.strategy.kwargs["param_init_fn"] = partial(
-                _materialize, device=self._trainer.strategy.root_device, tied=tied)
+            prepare_meta_init(self._trainer, model)  # FSDP fills meta modules one by one, tied weights kept tied
         self.model = model
-        metrics = self.task.metrics()
-        if metrics is not None:
-            self.val_metrics, self.test_metrics = metrics.clone(), metrics.clone()
+        self.eval_metrics = torch.nn.ModuleDict({"val": StageMetrics(self.task), "test": StageMetrics(self.task)})
         trainable, total = self.parameter_counts()
         if trainable == 0:
             raise UserError(f"{type(self).__name__} left no trainable parameters; check its options")
         rank_zero_info(f"[ftframe] {type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
                    f"({100 * trainable / total:.3f}%)")
-
-    def _meta_init_here(self) -> bool:
-        """Whether this process builds the model on the meta device (and, on every rank, tell FSDP how to fill it)."""
-        trainer = self._trainer
-        if not (self.meta_init and trainer is not None and trainer.world_size > 1
-                and "FSDPStrategy" in {t.__name__ for t in type(trainer.strategy).__mro__}):
-            return False
-        trainer.strategy.kwargs.setdefault("sync_module_states", True)  # rank 0's weights to every rank
-        return trainer.global_rank != 0
 
     def _frozen_dtype(self) -> torch.dtype | None:
         if self.frozen_dtype == "auto" and not self.cast_frozen_weights:
@@ -343,7 +345,7 @@ class FineTuneModule(LightningModule):
         """``(trainable, total)`` parameter counts of the built model."""
         assert self.model is not None
         params = {id(p): p for p in self.model.parameters()}.values()  # tied weights counted once
-        return sum(p.numel() for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
+        return sum(p.numel() for p in params if p.requires_grad), sum(logical_numel(p) for p in params)
 
     @final
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -358,23 +360,11 @@ class FineTuneModule(LightningModule):
     @final
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert self.model is not None
-        loss, n_tokens = self.task.loss(self.model, batch)
-        self._step_ids += self._local_ids(batch)  # to name the examples if this step is skipped
-        nonfinite, unsupervised = self._any_rank(not bool(torch.isfinite(loss)), int(n_tokens) == 0)
-        if unsupervised:
-            ids = sorted(set(self._gather_ids(self._local_ids(batch))))
-            raise UserError(f"step {self.trainer.global_step + 1}: a training batch has no supervised token (every "
-                            f"label is -100), so its loss would be 0 and teach nothing; it held {ids}. Check the data "
-                            "with `ftframe inspect-data --config <your config>` (the response field, the template's "
-                            "mask, max_length)")
-        if nonfinite:
-            # skipped in on_before_optimizer_step; a zero loss over the trainable weights keeps every process's
-            # backward (and DDP's gradient reduction) in step
-            self._skip_step = True
-            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
-        bs = batch_examples(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", batch_size=bs)
+        loss, self.step_tokens = self.task.loss(self.model, batch)  # (NonFiniteGuard checks both)
+        if bool(torch.isfinite(loss)):
+            bs = batch_examples(batch)
+            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+            self.log("train/tokens", self.step_tokens.float(), reduce_fx="sum", batch_size=bs)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -401,157 +391,33 @@ class FineTuneModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
-    # evaluation plumbing: one loss mean and one task-metric collection per stage, plus one of each per data set when
-    # the data module has several (``dataset_names``, e.g. MultitaskDataModule); logged at the epoch's end
     def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> Any:
         assert self.model is not None
         loss, weight, outputs = self.task.evaluate(self.model, batch)
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        self.val_loss.update(loss, weight=weight)  # weighted (e.g. by tokens) mean over the whole set
-        if metrics is not None and outputs is not None:
-            metrics.update(*outputs)
-        names = self._dataset_names()
-        if names:
-            key = f"{stage}__{names[dataloader_idx]}"
-            if key not in self._member_loss:
-                self._member_loss[key] = MeanMetric().to(self.device)
-                member = self.task.metrics()
-                if member is not None:
-                    self._member_metrics[key] = member.to(self.device)
-            self._member_loss[key].update(loss, weight=weight)
-            if key in self._member_metrics and outputs is not None:
-                self._member_metrics[key].update(*outputs)
+        names = getattr(getattr(self._trainer, "datamodule", None), "dataset_names", None) if self._trainer else None
+        self.eval_metrics[stage].update(loss, weight, outputs, names[dataloader_idx] if names and len(names) > 1
+                                        else None)
         return outputs
 
-    def _dataset_names(self) -> list[str] | None:
-        names = getattr(getattr(self._trainer, "datamodule", None), "dataset_names", None) if self._trainer else None
-        return list(names) if names and len(names) > 1 else None
-
     def _reset_eval(self, stage: str) -> None:
-        self.val_loss.reset()
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        if metrics is not None:
-            metrics.reset()
-        for key, metric in [*self._member_loss.items(), *self._member_metrics.items()]:
-            if key.startswith(f"{stage}__"):
-                metric.reset()
+        self.eval_metrics[stage].reset()
 
     def _log_eval(self, stage: str) -> None:
-        if self.trainer.sanity_checking or not self.val_loss.update_called:
+        if self.trainer.sanity_checking:
             return
-        # values reduced over all ranks by torchmetrics: logged without another sync, alike on every rank
-        self.log(f"{stage}/loss", self.val_loss.compute(), prog_bar=stage == "val", sync_dist=False)
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        self._log_task_metrics(stage, f"{stage}/", metrics)
-        for key, loss in self._member_loss.items():
-            if key.startswith(f"{stage}__") and loss.update_called:
-                name = key.split("__", 1)[1]
-                self.log(f"{stage}/{name}/loss", loss.compute(), sync_dist=False)
-                self._log_task_metrics(f"{stage}/{name}", f"{stage}/{name}/", self._member_metrics[key]
-                                       if key in self._member_metrics else None)
-
-    def _log_task_metrics(self, where: str, prefix: str, metrics: Any) -> None:
-        if metrics is None or not any(m.update_called for m in metrics.values()):
-            return
-        computed = metrics.compute()
-        self.computed_metrics[where] = {k: v.detach().cpu() for k, v in computed.items()}
-        self.log_dict({f"{prefix}{k}": v for k, v in self.task.log_values(computed).items()}, sync_dist=False)
+        logged, computed = self.eval_metrics[stage].compute(stage)
+        self.computed_metrics.update(computed)
+        if f"{stage}/loss" in logged:
+            self.log(f"{stage}/loss", logged.pop(f"{stage}/loss"), prog_bar=stage == "val", sync_dist=False)
+        self.log_dict(logged, sync_dist=False)  # reduced over all ranks by torchmetrics already
 
     @final
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         assert self.model is not None
         return self.task.predict(self.model, batch, self.tokenizer)
 
-    @final
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        bad_grads = False
-        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:  # (fp16's scaler skips infs)
-            # one fused norm over all gradients (inf/NaN anywhere makes it non-finite), one host sync per step
-            bad_grads = not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-            if shards_parameters(self.trainer):  # each rank checked its shard of the gradients
-                bad_grads = self._any_rank(bad_grads)
-        local_ids, self._step_ids = self._step_ids, []
-        if not (self._skip_step or bad_grads):
-            return
-        what = "loss" if self._skip_step else "gradients"
-        ids = sorted(set(self._gather_ids(local_ids)))
-        self._skip_step = False
-        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients as they are
-        self.nonfinite_steps += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), reduce_fx="max")
-        step = self.trainer.global_step + 1
-        if ids and isinstance(ids[0], str):  # classification batches carry file:line
-            examples = "the examples at " + ", ".join(ids)
-        else:
-            examples = f"training examples {ids} (positions in the training split)" if ids else "its examples"
-        if self.nonfinite_steps > self.max_nonfinite_steps:
-            from ftframe.callbacks.adapter_checkpoint import AdapterCheckpoint
-
-            saved = [cb.last_model_path for cb in self.trainer.callbacks
-                     if isinstance(cb, AdapterCheckpoint) and cb.last_model_path]
-            kept = (f"The last checkpoint, {Path(saved[0]).parent}, holds the state before it" if saved
-                    else "No checkpoint had been written")
-            raise UserError(f"step {step}: non-finite {what} ({self.nonfinite_steps} steps so far, more than "
-                            f"max_nonfinite_steps={self.max_nonfinite_steps}); the batch held {examples}. Training "
-                            f"stopped. {kept}. Lower the learning rate, use bf16-mixed rather than 16-mixed, or check "
-                            "those examples")
-        rank_zero_warn(f"[ftframe] step {step}: non-finite {what}; step skipped, weights unchanged "
-                       f"({self.nonfinite_steps} of at most {self.max_nonfinite_steps}); the batch held {examples}")
-
-    def _any_rank(self, *flags: bool) -> Any:
-        """Whether each flag is set on any process (one collective for all); a single flag gives a single bool."""
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            t = torch.tensor([float(f) for f in flags], device=self.device)
-            flags = tuple(bool(v) for v in trainer.strategy.reduce(t, reduce_op="max").tolist())
-        return flags[0] if len(flags) == 1 else flags
-
-    @staticmethod
-    def _local_ids(batch: dict[str, Any]) -> list[Any]:
-        """The batch's example ids (positions in the split), or ``file:line`` for batches that carry them."""
-        ids = batch.get("example_ids")
-        return [int(i) for i in ids.tolist()] if isinstance(ids, torch.Tensor) else list(batch.get("where") or [])
-
-    def _gather_ids(self, mine: list[Any]) -> list[Any]:
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
-            every: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(every, mine)
-            mine = [i for rank in every for i in rank]
-        return mine
-
     def configure_optimizers(self) -> Any:
-        from transformers import get_scheduler
-
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                # biases and norm scales are vectors; decaying them hurts and is conventionally skipped
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        params = [g for g in groups if g["params"]]
-        fused = self.fused_optimizer and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                             for g in params for p in g["params"])
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, betas=self.betas, fused=fused or None)
-        total = self.trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) else 0
-        warmup = int(self.warmup_steps) if self.warmup_steps >= 1 else int(self.warmup_steps * total)
-        if self.lr_schedule == "cosine":
-            name, extra = "cosine_with_min_lr", {"min_lr_rate": self.min_lr_ratio}
-        elif self.lr_schedule == "linear":
-            name, extra = "linear", {}
-        else:
-            name, extra = "constant_with_warmup", {}
-        if total == 0 and name != "constant_with_warmup":
-            raise UserError(f"lr_schedule={self.lr_schedule!r} needs a known number of steps: set trainer.max_steps "
-                            "or trainer.max_epochs, or use lr_schedule: constant")
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1),
-                                  scheduler_specific_kwargs=extra)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw(self.parameters(), self.optimizer, self.trainer.estimated_stepping_batches)
 
     @final
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -562,110 +428,3 @@ class FineTuneModule(LightningModule):
             return
         names = trainable_names(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-
-
-def _zero3_loading_config(trainer: Any) -> Any:
-    """transformers' ``HfDeepSpeedConfig`` for a DeepSpeed ZeRO-3 run (its existence switches ``from_pretrained`` to
-    loading into partitioned weights), else ``None``."""
-    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    if not getattr(strategy, "zero_stage_3", False):
-        return None
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(strategy.config)
-
-
-def _materialize(module: torch.nn.Module, device: torch.device,
-                 tied: dict[int, list[tuple[torch.nn.Module, str]]]) -> None:
-    """FSDP ``param_init_fn``: storage for a meta-device module's own tensors (their values come from rank 0).
-
-    ``tied``: the modules holding each shared parameter (by the meta parameter's id), which receive the new tensor
-    too -- ``to_empty`` replaces a parameter in its own module only, and a broken tie would change the model.
-    """
-    own = dict(module.named_parameters(recurse=False))
-    if not any(t.is_meta for t in (*own.values(), *module.buffers(recurse=False))):
-        return  # (FSDP passes modules around the meta ones too, e.g. metrics)
-    module.to_empty(device=device, recurse=False)
-    for name, before in own.items():
-        for holder, attr in tied.get(id(before), []):
-            if holder is not module:
-                setattr(holder, attr, getattr(module, name))
-
-
-def _unwrap_leaf(name: str) -> str:
-    """``name`` without a wrapper part right before its last component (the wrapped module's own parameter)."""
-    head, _, leaf = name.rpartition(".")
-    while head and clean_name(head.rpartition(".")[2] + ".") == "":
-        head = head.rpartition(".")[0]
-    return f"{head}.{leaf}" if head else leaf
-
-
-def _clean_saved_names(directory: Path) -> None:
-    """Rewrite ``directory``'s safetensors files with parameter names free of wrapper parts (FSDP's)."""
-    from safetensors.torch import load_file, save_file
-
-    for path in directory.glob("*.safetensors"):
-        tensors = load_file(str(path))
-        if any(clean_name(k) != k for k in tensors):
-            save_file({clean_name(k): v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-
-
-def _weights_kwargs(state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """``save_pretrained``'s ``state_dict`` argument from weights keyed as the LightningModule's (``model.``...)."""
-    if state_dict is None:
-        return {}
-    weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
-    if PROMPT_EMBEDDINGS in state_dict:
-        weights[PROMPT_EMBEDDINGS] = state_dict[PROMPT_EMBEDDINGS]
-    return {"state_dict": weights}
-
-
-def _logical_numel(p: torch.Tensor) -> int:
-    """Number of weights a parameter stands for: a bitsandbytes 4-bit tensor packs two per byte."""
-    state = getattr(p, "quant_state", None)
-    shape = getattr(state, "shape", None)
-    return math.prod(shape) if shape is not None else p.numel()
-
-
-def add_neftune(model: torch.nn.Module, alpha: float) -> None:
-    """Add NEFTune noise to the input embeddings' output in training mode (see ``neftune_alpha``)."""
-    embeddings = model.get_input_embeddings()
-
-    def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        if not module.training:
-            return out
-        lengths = token_lengths()
-        if lengths is not None and lengths.numel() == out.shape[1]:
-            scale = alpha / torch.sqrt(lengths.to(out.device, torch.float32) * out.shape[-1])[None, :, None]
-        else:
-            scale = alpha / math.sqrt(out.shape[1] * out.shape[-1])
-        return out + torch.empty_like(out).uniform_(-1, 1) * scale
-
-    embeddings.register_forward_hook(hook)
-
-
-def _check_target_modules(model: torch.nn.Module, config: Any, method: str) -> None:
-    """Fail early, naming the valid choices, when a peft config targets modules the model does not have."""
-    targets = getattr(config, "target_modules", None)
-    if targets is None or isinstance(targets, str):  # None: peft's per-architecture default; str: regex/"all-linear"
-        return
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    missing = sorted(t for t in targets if t not in leaf_names and not any(n.endswith(t) for n, _ in model.named_modules()))
-    if missing:
-        raise UserError(f"{method}: target_modules {missing} not found in {type(model).__name__}. Linear modules of "
-                        f"this model: {linear}; or use target_modules: all-linear")
-
-
-@contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftframe.artifacts import TrainedFolder
 from ftframe.distributed import trainable_names
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 from ftframe.models import transformer_blocks
 
 __all__ = ["Bottleneck", "BottleneckAdapters", "add_bottleneck_adapters", "load_bottleneck_adapters"]
@@ -104,6 +105,8 @@ class BottleneckAdapters(FineTuneModule):
         **kwargs: See :class:`FineTuneModule`.
     """
 
+    variants = {"BottleneckAdapters": Variant({"size": 8}, "bottleneck_", compare=("bottleneck", "bottleneck"))}
+
     cast_frozen_weights = True  # the frozen base is used only through matmuls
 
     def __init__(self, *args, size: int = 64, after: list[str] | None = None, dropout: float = 0.0,
@@ -151,3 +154,18 @@ class BottleneckAdapters(FineTuneModule):
         save_file(weights, str(directory / WEIGHTS))
         (directory / CONFIG).write_text(json.dumps({"size": self.size, "after": self.after,
                                                    "base_model_name_or_path": self.model_name}, indent=1))
+
+    @classmethod
+    def load_trained(cls, folder: TrainedFolder, model: str | None = None, dtype: Any = "float32") -> torch.nn.Module:
+        config = json.loads((folder.path / CONFIG).read_text(encoding="utf-8"))
+        name = model or config.get("base_model_name_or_path") or folder.base
+        if not name:
+            raise UserError(f"no base model recorded in {folder.path}; pass --model")
+        return load_bottleneck_adapters(folder.path, cls.load_base(folder, name, dtype))
+
+    @classmethod
+    def merge_trained(cls, folder: TrainedFolder, model: str | None = None) -> tuple[torch.nn.Module, str]:
+        raise UserError(f"{folder.path} holds bottleneck adapters: small networks (down-projection, nonlinearity, "
+                        "up-projection) added after each block. A nonlinearity cannot be folded into the base's "
+                        "linear weights, so there is nothing to merge; use the folder with `ftframe generate "
+                        "--adapter` / `ftframe evaluate --adapter`, or train LoRA / DoRA / IA3 to get a mergeable model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftframe.methods.base import Variant
 from ftframe.methods.lora import LoRA, lora_config
 
 __all__ = ["DoRA"]
@@ -17,6 +18,9 @@ __all__ = ["DoRA"]
 
 class DoRA(LoRA):
     """LoRA with a trained magnitude per output row. Takes the options of :class:`LoRA`."""
+
+    variants = {"DoRA": Variant({"r": 4, "dropout": 0.0}, "lora_A|lora_B|lora_magnitude_vector",
+                                compare=("dora", "dora"))}
 
     # DoRA reads the frozen weight outside matmuls (row norms), so it stays in its loaded dtype
     cast_frozen_weights = False

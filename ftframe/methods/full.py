@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 
 __all__ = ["FullFineTune"]
 
@@ -22,6 +22,8 @@ class FullFineTune(FineTuneModule):
             too); saves optimizer memory on large vocabularies.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {"FullFineTune": Variant({}, ".", compare=("full", "full"))}
 
     def __init__(self, *args, freeze_embeddings: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)

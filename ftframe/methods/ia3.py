@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 
 __all__ = ["IA3"]
 
@@ -25,6 +25,8 @@ class IA3(FineTuneModule):
         feedforward_modules: The subset of ``target_modules`` whose *input* is rescaled; ``null`` = peft's default.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {"IA3": Variant({}, "ia3_l", compare=("ia3", "ia3"))}
 
     def __init__(self, *args, target_modules: list[str] | None = None,
                  feedforward_modules: list[str] | None = None, **kwargs) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 from ftframe.models import transformer_blocks
 
 __all__ = ["LastLayers"]
@@ -33,6 +33,13 @@ class LastLayers(FineTuneModule):
             down) every this many optimizer steps; ``null`` keeps the set fixed.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {
+        "LastLayers": Variant({"num_layers": 1}, r"\.layers\.1\.|model\.norm\.weight$|embed_tokens",
+                              compare=("last_layers (N=2)", "last_layers")),
+        "LinearProbe": Variant({"num_layers": 0}, "embed_tokens", matrix=False,
+                               compare=("linear_probe (N=0)", "last_layers --model.num_layers=0")),
+    }
 
     # frozen blocks are used only through matmuls, so they may be stored in the autocast dtype
     cast_frozen_weights = True

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from ftframe.distributed import shards_parameters
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 
 __all__ = ["LoRA", "lora_config"]
 
@@ -60,6 +60,18 @@ class LoRA(FineTuneModule):
             2023, https://arxiv.org/abs/2312.03732), which keeps the update's size steady as ``r`` grows.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {
+        "LoRA": Variant({"r": 4, "dropout": 0.0}, "lora_[AB]", compare=("lora", "lora")),
+        "LoRA-qv": Variant({"r": 2, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                           r"(q_proj|v_proj)\.lora_[AB]\.", matrix=False),
+        "rsLoRA": Variant({"r": 4, "dropout": 0.0, "use_rslora": True}, "lora_[AB]", matrix=False,
+                          compare=("rslora", "lora --model.use_rslora=true")),
+        "PiSSA": Variant({"r": 4, "dropout": 0.0, "init": "pissa"}, "lora_[AB]", matrix=False,
+                         compare=("pissa", "lora --model.init=pissa")),
+        "OLoRA": Variant({"r": 4, "dropout": 0.0, "init": "olora"}, "lora_[AB]", matrix=False,
+                         compare=("olora", "lora --model.init=olora")),
+    }
 
     # the frozen base weights are used only in matmuls: frozen_dtype: auto may store them in the autocast dtype
     cast_frozen_weights = True

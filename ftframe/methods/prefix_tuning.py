@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 
 __all__ = ["PTuning", "PrefixTuning"]
 
@@ -35,6 +35,9 @@ class PrefixTuning(FineTuneModule):
         projection_hidden: Hidden size of that MLP.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {"PrefixTuning": Variant({"num_virtual_tokens": 4}, "prompt_encoder",
+                                        compare=("prefix_tuning", "prefix_tuning"))}
 
     def __init__(self, *args, num_virtual_tokens: int = 20, projection: bool = False, projection_hidden: int = 512,
                  **kwargs) -> None:
@@ -65,6 +68,9 @@ class PTuning(FineTuneModule):
         encoder_hidden: Hidden size of the encoder.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {"PTuning": Variant({"num_virtual_tokens": 4, "encoder_hidden": 16}, "prompt_encoder",
+                                   compare=("p_tuning", "p_tuning"))}
 
     def __init__(self, *args, num_virtual_tokens: int = 20, encoder: Literal["MLP", "LSTM"] = "MLP",
                  encoder_hidden: int = 256, **kwargs) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 from ftframe.models import resolve_model
 
 __all__ = ["PromptTuning"]
@@ -29,6 +29,12 @@ class PromptTuning(FineTuneModule):
             ``num_virtual_tokens``); ``null`` starts from random vocabulary embeddings.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {
+        "PromptTuning": Variant({"num_virtual_tokens": 4}, "prompt_encoder", compare=("prompt_tuning", "prompt_tuning")),
+        "PromptTuning-text": Variant({"num_virtual_tokens": 4, "init_text": "Answer the question."}, "prompt_encoder",
+                                     matrix=False),
+    }
 
     def __init__(self, *args, num_virtual_tokens: int = 20, init_text: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ftframe.artifacts import BASE_QUANTIZATION_FILE, TrainedFolder, load_peft_adapter, merge_peft
 from ftframe.distributed import shards_parameters
 from ftframe.errors import UserError
-from ftframe.methods.base import FineTuneModule
+from ftframe.methods.base import FineTuneModule, Variant
 from ftframe.methods.lora import lora_config
 from ftframe.models import DTYPES, load_model, resolve_model
 
@@ -49,6 +50,13 @@ class QLoRA(FineTuneModule):
             belongs to the 4-bit base: ``ftframe generate`` loads that base quantized the same way.
         **kwargs: See :class:`FineTuneModule`.
     """
+
+    variants = {
+        "QLoRA": Variant({"r": 4, "dropout": 0.0, "compute_dtype": "float32", "double_quant": False}, "lora_[AB]",
+                         compare=("qlora", "qlora")),
+        "LoftQ": Variant({"r": 4, "dropout": 0.0, "compute_dtype": "float32", "double_quant": False, "init": "loftq"},
+                         "lora_[AB]", compare=("loftq", "loftq")),
+    }
 
     meta_init = False  # bitsandbytes quantizes weights as they load: every rank loads the base itself
 
@@ -165,6 +173,84 @@ class QLoRA(FineTuneModule):
                        "folds the adapter into this base dequantized to float32)"}
         (Path(directory) / BASE_QUANTIZATION_FILE).write_text(json.dumps(base, indent=2))
 
+    @classmethod
+    def load_base(cls, folder: TrainedFolder, name: str, dtype: Any) -> torch.nn.Module:
+        """The 4-bit base exactly as in training, computing in ``dtype``, kept in the layout training used."""
+        from transformers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"{folder.path} was trained on a 4-bit base (QLoRA / LoftQ); rebuilding it needs "
+                            "bitsandbytes: pip install 'bitsandbytes>=0.46'") from e
+        quant = dict(folder.quantization or _recorded_quantization(folder.metadata.get("hparams") or {}))
+        quant["bnb_4bit_compute_dtype"] = dtype  # the same 4-bit values, whatever the matmuls compute in
+        auto, kwargs = folder.auto_class()
+        base = load_model(name, auto, dtype=dtype, quantization_config=BitsAndBytesConfig.from_dict(quant),
+                          device_map={"": "cuda" if torch.cuda.is_available() else "cpu"}, **kwargs)
+        keep_trainable_layout(base)  # no in-place repacking of the 4-bit weights by an inference forward
+        return base
+
+    @classmethod
+    def merge_trained(cls, folder: TrainedFolder, model: str | None = None) -> tuple[torch.nn.Module, str]:
+        """Merged onto the 4-bit base *dequantized* to float32 -- the weights the adapter was trained against, in
+        high precision -- never into 4-bit weights (re-quantizing would round the adapter's update away)."""
+        name = model or folder.base
+        if not name:
+            raise UserError(f"no base model recorded in {folder.path}; pass --model")
+        quantized = cls.load_base(folder, name, "float32")
+        dequantized = _dequantized_state(quantized)  # before any forward
+        auto, _ = folder.auto_class()
+        config = quantized.config.__class__.from_dict(quantized.config.to_dict())
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = auto.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(dequantized, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) \
+            else set()
+        if set(missing) - tied or unexpected:
+            raise UserError(f"rebuilding the dequantized base of {folder.path} did not match its weights "
+                            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        plain.tie_weights()
+        plain.generation_config = quantized.generation_config
+        del quantized
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        merged = merge_peft(load_peft_adapter(plain.to(device), folder.path, name), folder.path)
+        return merged, ("merged onto the 4-bit base dequantized to float32 (the weights the adapter was trained "
+                        "against), not into 4-bit weights")
+
+
+@torch.no_grad()
+def _dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a bitsandbytes 4-bit model in float32, the 4-bit weights dequantized (keyed as a plain
+    model's ``state_dict``)."""
+    import bitsandbytes as bnb
+
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for pname, param in module.named_parameters(recurse=False):
+            if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
+                value = bnb.functional.dequantize_4bit(param.data, param.quant_state)
+            else:
+                value = param.data
+            out[prefix + pname] = value.detach().to("cpu", torch.float32)
+    return out
+
+
+def _recorded_quantization(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The BitsAndBytesConfig (as a dict) QLoRA trained with, from its saved hyperparameters (defaults where absent):
+    for folders written before the base's config was saved next to the adapter."""
+    import inspect
+
+    params = inspect.signature(QLoRA.__init__).parameters
+
+    def get(name: str) -> Any:
+        return hparams.get(name, params[name].default)
+
+    # the storage dtype only packs the same 4-bit values differently: uint8 is the one that runs anywhere
+    return nf4_config(get("quant_type"), get("double_quant"), get("compute_dtype"), "uint8").to_dict()
+
 
 def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str) -> Any:
     """A 4-bit ``BitsAndBytesConfig`` (what QLoRA trains on, and what ``ftframe merge`` rebuilds to dequantize).
@@ -182,9 +268,6 @@ def nf4_config(quant_type: str, double_quant: bool, compute_dtype: str, quant_st
         bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8" else DTYPES[quant_storage],
     )
 
-
-#: Written next to a QLoRA / LoftQ adapter: the 4-bit base it belongs to; read by ``ftframe generate`` and ``merge``.
-BASE_QUANTIZATION_FILE = "ftframe_base_quantization.json"
 
 
 @torch.no_grad()

@@ -26,28 +26,16 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ftframe.errors import UserError
 from ftframe.evaluation.generation import GSM8K_ANSWER, extract_answer
+from ftframe.methods import variants
 
 __all__ = ["DEFAULT_METHODS", "ComparisonProbe", "compare"]
 
-#: label -> a method YAML under configs/methods (or a path) followed by extra ``ftframe fit`` arguments.
-#: ``base`` is the untrained model: LoRA with zero steps (its B factors start at zero).
+#: label -> a method YAML under configs/methods (or a path) followed by extra ``ftframe fit`` arguments: the untrained
+#: base (LoRA with zero steps: its B factors start at zero), then every method variant that names a comparison
+#: (:attr:`ftframe.methods.Variant.compare`).
 DEFAULT_METHODS: dict[str, str] = {
     "base (no training)": "lora --trainer.max_steps=0 --model.lr_schedule=constant",
-    "full": "full",
-    "last_layers (N=2)": "last_layers",
-    "linear_probe (N=0)": "last_layers --model.num_layers=0",
-    "lora": "lora",
-    "rslora": "lora --model.use_rslora=true",
-    "pissa": "lora --model.init=pissa",
-    "olora": "lora --model.init=olora",
-    "dora": "dora",
-    "qlora": "qlora",
-    "loftq": "loftq",
-    "ia3": "ia3",
-    "prompt_tuning": "prompt_tuning",
-    "prefix_tuning": "prefix_tuning",
-    "p_tuning": "p_tuning",
-    "bottleneck": "bottleneck",
+    **{v.compare[0]: v.compare[1] for _, v in variants().values() if v.compare is not None},
 }
 
 RESULT_FILE = "probe.json"

@@ -31,36 +31,19 @@ class Generator:
     def __init__(self, adapter: str | None = None, model: str | None = None, dtype: InferenceDType = "auto") -> None:
         from transformers import AutoModelForCausalLM
 
-        from ftframe.artifacts import read_trained
+        from ftframe.methods import load_trained
 
         self.dtype = dtype = inference_dtype(dtype, "cpu")  # (models load on the CPU; a 4-bit base on CUDA if any)
-        # what the folder holds: a peft adapter, ftframe's bottleneck adapters, or a full model
-        info = read_trained(adapter) if adapter else None
-        adapter_dir = info.path if info is not None else None
-        kind = info.kind if info is not None else None
-        if model is None:
-            model = str(adapter_dir) if kind == "full" else (info.base if info is not None else None)
-            if not model:
-                raise UserError("no base model: pass --model (an asset name, folder, .gguf file or hub id)")
-        tok_source = str(adapter_dir) if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() \
-            else model
-        self.tokenizer = load_tokenizer(tok_source, padding_side="left")
-        if info is not None and info.quantization is not None and kind == "peft":
-            # QLoRA / LoftQ adapters were trained on a 4-bit base: rebuild that base, the model that was trained
-            from transformers import BitsAndBytesConfig
-
-            quant = BitsAndBytesConfig.from_dict(info.quantization)
-            base = load_model(model, AutoModelForCausalLM, dtype=dtype, quantization_config=quant,
-                              device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
+        if adapter:
+            # loaded by the method that wrote the folder (FineTuneModule.load_trained): adapter + base, or a model
+            loaded, info = load_trained(adapter, model, dtype)
+            tok_source = str(info.path) if (info.path / "tokenizer_config.json").is_file() else model or info.base
+        elif model:
+            loaded, tok_source = load_model(model, AutoModelForCausalLM, dtype=dtype), model
         else:
-            base = load_model(model, AutoModelForCausalLM, dtype=dtype)
-        if kind == "peft":
-            base = _load_peft(base, adapter_dir, model)
-        elif kind == "bottleneck":
-            from ftframe.methods.bottleneck import load_bottleneck_adapters
-
-            base = load_bottleneck_adapters(str(adapter_dir), base)
-        self.model = base.eval()
+            raise UserError("no base model: pass --model (an asset name, folder, .gguf file or hub id)")
+        self.tokenizer = load_tokenizer(tok_source or str(info.path), padding_side="left")
+        self.model = loaded.eval()
 
     def prompt_text(self, prompt: str, system_prompt: str | None = None) -> str:
         tok = self.tokenizer
@@ -146,28 +129,3 @@ def generate(
         answers.append(answer)
         print(f">>> {p}\n{answer}\n", flush=True)
     return answers
-
-
-def _load_peft(base: Any, adapter_dir: Path, model_name: str) -> Any:
-    """``PeftModel.from_pretrained``, with a mismatch between adapter and base reported as one clear error."""
-    import warnings
-
-    from peft import PeftModel
-
-    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    hint = (f"the adapter {adapter_dir} was trained on {recorded!r}; it does not fit the base {model_name!r}. "
-            "Pass the base it was trained on (--model), or omit --model to use the recorded one")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            loaded = PeftModel.from_pretrained(base, str(adapter_dir))
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise UserError(f"{hint} ({type(e).__name__}: {first})") from None
-    missing = [w for w in caught if "missing adapter keys" in str(w.message).lower()]
-    if missing:
-        raise UserError(f"{hint} (peft: {str(missing[0].message).splitlines()[0][:300]})")
-    for w in caught:
-        if "missing adapter keys" not in str(w.message).lower():
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return loaded

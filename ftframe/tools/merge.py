@@ -22,8 +22,17 @@ from unittest import mock
 
 import torch
 
-from ftframe.artifacts import TrainedFolder, read_trained
+from ftframe.artifacts import (
+    BASE_QUANTIZATION_FILE,
+    METADATA_FILE,
+    TrainedFolder,
+    check_writable,
+    read_trained,
+    replace_dir,
+    writing,
+)
 from ftframe.errors import UserError
+from ftframe.methods import method_class
 from ftframe.models import DTYPES, DTypeName, load_model, load_tokenizer, resolve_model
 
 __all__ = ["COMBINATIONS", "DEFAULT_PROMPTS", "MERGE_REPORT", "TOLERANCE", "combine", "merge", "merge_in_memory"]
@@ -54,121 +63,27 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_unmerged(info: TrainedFolder, model: str | None = None) -> tuple[Any, dict[str, torch.Tensor] | None]:
-    """The trained model as training saw it, in float32: ``(base + adapter, dequantized base weights or None)``.
-
-    For an adapter trained on a 4-bit base, the base is quantized exactly as in training (computing in float32) and
-    the second value holds every base weight with the 4-bit ones dequantized to float32, for :func:`merge_in_memory`.
-    """
-    from ftframe.tools.generate import _load_peft
-
-    name = model or info.base
-    if not name:
-        raise UserError(f"no base model recorded in {info.path}; pass --model")
-    auto, kwargs = info.auto_class()
-    if info.kind == "full":
-        return load_model(str(info.path), auto, dtype="float32", **kwargs), None
-    if info.kind == "bottleneck":
-        raise UserError(f"{info.path} holds bottleneck adapters: small networks (down-projection, nonlinearity, "
-                        "up-projection) added after each block. A nonlinearity cannot be folded into the base's "
-                        "linear weights, so there is nothing to merge; use the folder with `ftframe generate "
-                        "--adapter` / `ftframe evaluate --adapter`, or train LoRA / DoRA / IA3 to get a mergeable model")
-    if info.peft_config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT"):
-        raise UserError(f"{info.path} is a {info.peft_config['peft_type']} adapter: it learns virtual tokens (or "
-                        "per-layer key/value prefixes) fed with every input, not a change to the base's weights, so "
-                        "it cannot be merged. Use it with `ftframe generate --adapter`, or train a weight-adapting "
-                        "method (LoRA, DoRA, IA3) to get a plain merged model")
-    if info.quantization is None:
-        base = load_model(name, auto, dtype="float32", **kwargs)
-        return _load_peft(base, info.path, name), None
-    # the adapter was trained against dequant(quant(W)): rebuild that base, and keep its float32 weights
-    from transformers import BitsAndBytesConfig
-
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"{info.path} was trained on a 4-bit base (QLoRA / LoftQ); rebuilding it needs "
-                        "bitsandbytes: pip install 'bitsandbytes>=0.46'") from e
-    quant = dict(info.quantization)
-    quant["bnb_4bit_compute_dtype"] = "float32"  # the same 4-bit values; matmuls in float32 for a precise reference
-    base = load_model(name, auto, dtype="float32", quantization_config=BitsAndBytesConfig.from_dict(quant),
-                      device_map={"": _device()}, **kwargs)
-    from ftframe.methods.qlora import keep_trainable_layout
-
-    keep_trainable_layout(base)  # no in-place repacking of the 4-bit weights by an inference forward
-    dequantized = _dequantized_state(base)  # before any forward
-    return _load_peft(base, info.path, name), dequantized
-
-
-@torch.no_grad()
-def _dequantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter of a bitsandbytes 4-bit model in float32, the 4-bit weights dequantized (keyed as a plain
-    model's ``state_dict``)."""
-    import bitsandbytes as bnb
-
-    out: dict[str, torch.Tensor] = {}
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        for pname, param in module.named_parameters(recurse=False):
-            if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
-                value = bnb.functional.dequantize_4bit(param.data, param.quant_state)
-            else:
-                value = param.data
-            out[prefix + pname] = value.detach().to("cpu", torch.float32)
-    return out
-
-
-def _plain_model(unmerged: Any, dequantized: dict[str, torch.Tensor], info: TrainedFolder, name: str) -> Any:
-    """A float32 model without quantization holding ``dequantized``, with the adapter loaded on top."""
-    from ftframe.tools.generate import _load_peft
-
-    auto, _ = info.auto_class()
-    config = unmerged.get_base_model().config.__class__.from_dict(unmerged.get_base_model().config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = auto.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(dequantized, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise UserError(f"rebuilding the dequantized base of {info.path} did not match its weights "
-                        f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    plain.tie_weights()
-    plain.generation_config = unmerged.get_base_model().generation_config
-    return _load_peft(plain.to(_device()), info.path, name)
+def load_unmerged(info: TrainedFolder, model: str | None = None) -> Any:
+    """The trained model as training saw it, in float32 (base + adapter; a 4-bit base quantized as in training)."""
+    return method_class(info).load_trained(info, model, "float32")
 
 
 def merge_in_memory(adapter: str, model: str | None = None,
                     dtype: DTypeName = "float32") -> tuple[Any, Any, dict[str, Any]]:
     """Fold ``adapter`` into its base: ``(plain transformers model in dtype, tokenizer, info)``.
 
-    ``info`` says what was merged (method, base, whether the base was a dequantized 4-bit one) and holds the unmerged
-    model under ``"unmerged"`` (float32) for comparisons; drop it when done.
+    Folded by the method that wrote the folder (:meth:`FineTuneModule.merge_trained`). ``info`` says what was merged
+    (method, base, how) and holds the unmerged model under ``"unmerged"`` (float32) for comparisons; drop it when done.
     """
     info = read_trained(adapter)
     tokenizer = load_tokenizer(str(info.path) if (info.path / "tokenizer_config.json").is_file()
                                else (model or info.base or str(info.path)))
-    unmerged, dequantized = load_unmerged(info, model)
-    name = model or info.base or str(info.path)
-    if info.kind == "full":
-        merged = load_model(str(info.path), info.auto_class()[0], dtype="float32", **info.auto_class()[1])
-        note = "a full model folder: nothing to merge, weights rewritten in the chosen dtype"
-    else:
-        source = _plain_model(unmerged, dequantized, info, name) if dequantized is not None else None
-        if source is None:
-            # merge_and_unload folds into the very modules the unmerged model uses: merge a second copy
-            from ftframe.tools.generate import _load_peft
-
-            auto, kwargs = info.auto_class()
-            source = _load_peft(load_model(name, auto, dtype="float32", **kwargs), info.path, name)
-        try:
-            merged = source.merge_and_unload(safe_merge=True)
-        except ValueError as e:  # NaNs found by safe_merge, or a layer type peft cannot merge
-            raise UserError(f"peft could not merge {info.path}: {e}") from None
-        note = ("merged onto the 4-bit base dequantized to float32 (the weights the adapter was trained against), "
-                "not into 4-bit weights" if dequantized is not None else "merged in float32")
+    cls = method_class(info)
+    merged, note = cls.merge_trained(info, model)  # (refuses methods that cannot merge before the unmerged loads)
+    unmerged = cls.load_trained(info, model, "float32")
     merged = merged.to(DTYPES[dtype]).eval()
-    details = {"adapter": str(info.path), "base": name, "method": info.method, "kind": info.kind,
-               "peft_type": info.peft_config.get("peft_type"), "dequantized_4bit_base": dequantized is not None,
+    details = {"adapter": str(info.path), "base": model or info.base or str(info.path), "method": info.method,
+               "peft_type": info.peft_config.get("peft_type"), "dequantized_4bit_base": info.quantization is not None,
                "quantization": info.quantization, "note": note, "unmerged": unmerged.eval()}
     return merged, tokenizer, details
 
@@ -271,8 +186,6 @@ def merge(
     merged = merged.to(DTYPES[dtype])
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from ftframe.artifacts import replace_dir, writing
-
     with writing(out, tmp, f"{out} was not written"):
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -310,8 +223,6 @@ def merge(
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    from ftframe.artifacts import check_writable
-
     if out.exists() and not overwrite:
         raise UserError(f"--output {out} exists; choose another folder or pass --overwrite true")
     check_writable(out, "--output")
@@ -319,26 +230,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _copy_run_files(source: Path, dest: Path) -> None:
     """Carry the run's config and ftframe metadata along (they say how the model was trained)."""
-    from ftframe.artifacts import METADATA_FILE
-
     for name in ("config.yaml", METADATA_FILE):
         if (source / name).is_file():
             shutil.copy(source / name, dest / name)
-
-
-def _combine_base(info: TrainedFolder, name: str, auto: Any, kwargs: dict[str, Any]) -> Any:
-    """The base the adapters were trained on, computing in float32: 4-bit as in training for QLoRA adapters."""
-    if info.quantization is None:
-        return load_model(name, auto, dtype="float32", **kwargs)
-    from transformers import BitsAndBytesConfig
-
-    from ftframe.methods.qlora import keep_trainable_layout
-
-    quant = {**info.quantization, "bnb_4bit_compute_dtype": "float32"}
-    base = load_model(name, auto, dtype="float32", quantization_config=BitsAndBytesConfig.from_dict(quant),
-                      device_map={"": _device()}, **kwargs)
-    keep_trainable_layout(base)
-    return base
 
 
 def combine(
@@ -356,8 +250,6 @@ def combine(
     """Combine LoRA adapters into one new adapter at ``out`` (see :func:`merge`)."""
     from peft import PeftModel
 
-    from ftframe.artifacts import METADATA_FILE, replace_dir, writing
-
     started = time.perf_counter()
     if combination not in COMBINATIONS:
         import difflib
@@ -370,7 +262,7 @@ def combine(
                         "adapter into its base use --adapter")
     infos = [read_trained(a, "--adapters") for a in adapters]
     for info in infos:
-        if info.kind != "peft" or info.peft_config.get("peft_type") != "LORA" or info.peft_config.get("use_dora"):
+        if not info.is_peft or info.peft_config.get("peft_type") != "LORA" or info.peft_config.get("use_dora"):
             raise UserError(f"--adapters: {info.path} is a {info.method} adapter; combining works on LoRA adapters "
                             "(QLoRA's included), which peft's add_weighted_adapter mixes")
         if (info.metadata.get("hparams") or {}).get("init") == "loftq":
@@ -399,16 +291,13 @@ def combine(
         gate.prepare(str(infos[0].path))
     print(f"[ftframe] combining {len(adapters)} LoRA adapters ({combination}, weights {weights}) on {name} ...",
           flush=True)
-    auto, kwargs = infos[0].auto_class()
     quantized = {json.dumps(info.quantization, sort_keys=True) for info in infos}
     if len(quantized) > 1:
         raise UserError("--adapters were trained on differently stored bases (some on a 4-bit base, some not, or 4-bit "
                         f"in different ways: {sorted(quantized)}): combine adapters trained on one base")
-    base = _combine_base(infos[0], name, auto, kwargs)
+    cls = method_class(infos[0])
     names = [f"input{i}" for i in range(len(infos))]
-    from ftframe.tools.generate import _load_peft
-
-    peft_model = _load_peft(base, infos[0].path, name)  # checks that the adapter fits the base
+    peft_model = cls.load_trained(infos[0], name, "float32")  # checks that the adapter fits the base
     peft_model.load_adapter(str(infos[0].path), adapter_name=names[0])
     peft_model.delete_adapter("default")
     for info, adapter_name in zip(infos[1:], names[1:], strict=True):
@@ -438,15 +327,13 @@ def combine(
                 mock.patch.dict("os.environ", {"HF_HUB_OFFLINE": "1"} if resolve_model(name) != name else {}):
             peft_model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
-        from ftframe.methods.qlora import BASE_QUANTIZATION_FILE
-
         if (infos[0].path / BASE_QUANTIZATION_FILE).is_file():  # QLoRA inputs: the result belongs to the same base
             shutil.copy(infos[0].path / BASE_QUANTIZATION_FILE, tmp / BASE_QUANTIZATION_FILE)
         metadata = dict(infos[0].metadata)
         metadata.update(combined=report, global_step=None, metrics={})  # method: the inputs' (LoRA / QLoRA)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         # the written folder is what users get: load it with plain peft and check it computes the combined model
-        reloaded = PeftModel.from_pretrained(_combine_base(infos[0], name, auto, kwargs), str(tmp)).eval()
+        reloaded = PeftModel.from_pretrained(cls.load_base(infos[0], name, "float32"), str(tmp)).eval()
         check = logits_diff(reloaded, peft_model, tokenizer, list(prompts or DEFAULT_PROMPTS))
         report["reload_logits"] = check
         print(f"[ftframe] written adapter reloaded with peft: max abs logit diff {check['max_abs_diff']:.3g} vs. the "
