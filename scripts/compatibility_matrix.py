@@ -31,9 +31,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ftframe.methods import variants
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["FullFineTune", "LastLayers", "LoRA", "DoRA", "QLoRA", "LoftQ", "IA3", "PromptTuning", "PTuning",
-           "PrefixTuning", "BottleneckAdapters"]
+METHODS = list(variants(matrix=True))  # the rows: ftframe.methods.Variant.matrix
 #: (strategy, precision) columns; GPU ones stay "not run" until a GPU run's report is given
 FSDP_CPU = "fsdp, 2 CPU processes (gloo)"
 COLUMNS = [("single device (CPU)", "32-true"), ("ddp, 2 CPU processes", "32-true"),

@@ -2,7 +2,7 @@
 
     python tests/ddp_job.py OUT MODEL DATA STRATEGY DEVICES BATCH STEPS PRECISION METHOD [METHOD ...]
 
-For each method (a key of ``tests.test_methods_contract.METHODS``) it trains ``STEPS`` steps on the CPU with
+For each method (a variant label of ``ftframe.methods.variants()``) it trains ``STEPS`` steps on the CPU with
 ``DEVICES`` processes of ``BATCH`` examples each, in Lightning precision ``PRECISION``, under ``STRATEGY`` (``ddp``, or
 ``fsdp``: Lightning's FSDPStrategy on the CPU through :class:`CPUFSDPStrategy`; on CUDA GPUs ``gpu`` (one device, or
 DDP), ``fsdp-gpu``, ``deepspeed_zero2``, ``deepspeed_zero3``), and writes, from rank 0,
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ftframe.callbacks import AdapterExport  # noqa: E402
 from ftframe.data import InstructionDataModule  # noqa: E402
 from ftframe.distributed import PROMPT_EMBEDDINGS, fsdp_auto_wrap_policy, gather_weights  # noqa: E402
+from ftframe.methods import variants  # noqa: E402
 from ftframe.packing import unpack  # noqa: E402
 from tests.helpers import tiny_trainer  # noqa: E402
-from tests.test_methods_contract import METHODS  # noqa: E402
 
 
 class StepLosses(Callback):
@@ -126,8 +126,8 @@ def main() -> None:
     out, model, data, strategy, devices, batch, steps, precision, *names = sys.argv[1:]
     for name in names:
         seed_everything(0)
-        cls, kwargs, _, _ = METHODS[name]
-        module = cls(model_name=model, learning_rate=1e-2, **kwargs)
+        cls, variant = variants()[name]
+        module = cls(model_name=model, learning_rate=1e-2, **variant.options)
         dm = InstructionDataModule(train_files=data, tokenizer=model, val_size=8, batch_size=int(batch),
                                    cache_dir=str(Path(out) / "cache"))
         recorder = StepLosses()

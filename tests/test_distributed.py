@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftframe.artifacts import read_trained
+from ftframe.methods import variants
 from tests.conftest import WORDS
-from tests.test_methods_contract import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["FullFineTune", "LoRA", "DoRA", "IA3", "LastLayers", "PromptTuning", "PTuning", "PrefixTuning",
-         "BottleneckAdapters", "QLoRA", "LoftQ"]
+#: the methods with a row in the compatibility matrix (ftframe.methods.Variant.matrix)
+NAMES = list(variants(matrix=True))
 STEPS = 4
 PRECISIONS = ["32-true", "bf16-mixed"]
 #: how close 2 x 2 examples stay to 1 x 4 after 4 steps: float32 sums in another order; bf16 autocast rounds them
@@ -86,8 +87,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(name, precision
 @pytest.mark.parametrize("name", NAMES)
 def test_an_adapter_saved_under_ddp_loads_in_one_process_with_the_same_logits(name, precision, runs, tiny_model):
     folder = runs / precision / "devices2" / name
-    _, _, _, reload = METHODS[name]
-    model = reload(str(folder / "artifact"), tiny_model).eval()
+    model = variants()[name][0].load_trained(read_trained(str(folder / "artifact")), tiny_model).eval()
     saved = torch.load(folder / "logits.pt", weights_only=True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
@@ -115,8 +115,7 @@ def test_fsdp_two_processes_train_like_one_with_the_same_global_batch(name, prec
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp_adapter_gathered_from_shards_reloads_with_the_single_process_logits(name, precision, runs, tiny_model):
-    _, _, _, reload = METHODS[name]
-    model = reload(str(runs / precision / "fsdp" / name / "artifact"), tiny_model).eval()
+    model = variants()[name][0].load_trained(read_trained(str(runs / precision / "fsdp" / name / "artifact")), tiny_model).eval()
     saved = torch.load(runs / precision / "devices1" / name / "logits.pt", weights_only=True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftframe.artifacts import read_trained
+from ftframe.methods import variants
 from tests.test_distributed import STEPS, even_data  # noqa: F401  (the fixture)
-from tests.test_methods_contract import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("LoRA", "fsdp"), ("QLoRA", "fsdp"), ("FullFineTune", "fsdp"), ("LoRA", "deepspeed_zero2"),
@@ -60,8 +61,7 @@ def test_sharded_gpu_run_trains_like_a_plain_one_and_its_adapter_reloads(name, s
     plain = json.loads((gpu_runs / "plain" / name / "losses.json").read_text())
     assert len(mine) == STEPS and mine[-1] != mine[0]
     assert mine == pytest.approx(plain, rel=3e-2, abs=1e-3)
-    _, _, _, reload = METHODS[name]
-    model = reload(str(gpu_runs / strategy / name / "artifact"), tiny_model).eval()
+    model = variants()[name][0].load_trained(read_trained(str(gpu_runs / strategy / name / "artifact")), tiny_model).eval()
     saved = torch.load(gpu_runs / "plain" / name / "logits.pt", weights_only=True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
