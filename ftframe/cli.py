@@ -15,6 +15,7 @@ User errors print one paragraph and exit 2; ``--debug`` (or ``FTFRAME_DEBUG=1``)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -265,42 +266,33 @@ def _tool(fn: Callable[..., Any], name: str) -> Callable[[list[str]], Any]:
                                 default_config_files=[])
         parser.add_argument("--config", action="config", help="YAML file with these options")
         parser.add_function_arguments(fn, as_group=False)
-        cfg = parser.parse_args(_space_separated_lists(fn, argv))
+        cfg = parser.parse_args(_space_separated_lists(parser, argv))
         kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "__default_config__")}
         return fn(**kwargs)
 
     return run
 
 
-def _space_separated_lists(fn: Callable[..., Any], argv: list[str]) -> list[str]:
-    """Let a list option take space-separated values (``--adapters A B``) besides a list (``--adapters '[A, B]'``)."""
-    import typing
+def _space_separated_lists(parser: Any, argv: list[str]) -> list[str]:
+    """Let a list option take space-separated values (``--adapters A B``) besides a list (``--adapters '[A, B]'``).
 
-    element: dict[str, type] = {}
-    for name, hint in typing.get_type_hints(fn).items():
-        for arm in typing.get_args(hint) or (hint,):
-            if typing.get_origin(arm) is list:
-                element[f"--{name}"] = (typing.get_args(arm) or (str,))[0]
+    jsonargparse gives each list-typed option an append form (``--adapters+ A``) and types a list's items itself, but
+    has no ``nargs='+'`` for a typed option: the values after such an option are handed to it as one JSON list of
+    strings, which it types and validates (``--weights 1 x`` is its error for ``x``, naming ``weights``).
+    """
+    lists = {option[:-1] for option in parser._option_string_actions if option.endswith("+")}
     out: list[str] = []
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        values = []
         j = i + 1
-        while arg in element and j < len(argv) and not argv[j].startswith("--"):
-            values.append(argv[j])
+        while argv[i] in lists and j < len(argv) and not argv[j].startswith("--"):
             j += 1
+        values = argv[i + 1:j]
         if len(values) > 1 or (values and not values[0].lstrip().startswith("[")):
-            kind = element[arg]
-            try:
-                items = [kind(v) if kind in (int, float) else v for v in values]
-            except ValueError as e:
-                raise UserError(f"{arg}: {e}; expected {kind.__name__} values") from None
-            out.append(f"{arg}={json.dumps(items)}")
-            i = j
+            out.append(f"{argv[i]}={json.dumps(values)}")
         else:
-            out.append(arg)
-            i += 1
+            out += argv[i:j]
+        i = j
     return out
 
 
@@ -357,40 +349,40 @@ def _user_error_in(error: BaseException) -> UserError | None:
     return None
 
 
-def _options_of(cls: type) -> dict[str, str]:
-    """Constructor arguments of ``cls`` and of the classes its ``**kwargs`` reach (its bases): name -> annotation."""
-    import inspect
+@functools.cache
+def _options_of(cls: type) -> dict[str, Any]:
+    """``cls``'s options as jsonargparse reads them for LightningCLI (``**kwargs`` followed into the bases): name -> type.
 
-    names: dict[str, str] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters
-        for n, p in params.items():
-            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                ann = p.annotation
-                names.setdefault(n, ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", ""))
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            break
-    return names
+    (A nested group's options, ``x.y``, count as ``x``, typed ``None``: their values are not checked here.)
+    """
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, fail_untyped=False, sub_configs=True)
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    return {a.dest.split(".", 1)[0]: None for a in actions} | {
+        a.dest: getattr(a, "_typehint", None) for a in actions if "." not in a.dest}
 
 
-def _check_flag_value(where: str, annotation: str, value: str) -> None:
-    """A plain ``int`` / ``float`` / ``bool`` option given a value that is none of those, said in one line."""
-    optional = annotation.endswith(" | None")
-    kind = annotation.removesuffix(" | None")
-    if optional and value.lower() in ("null", "none"):
-        return
-    readers = {"int": int, "float": float,
-               "bool": lambda v: {"true": True, "false": False, "1": True, "0": False}[v.lower()]}
-    if kind not in readers:
-        return
+def _check_flag_value(where: str, hint: Any, value: str) -> None:
+    """A plain ``int`` / ``float`` / ``bool`` option (or null) given a value jsonargparse refuses, said in one line."""
+    import types
+    import typing
+
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in arms
+    kinds = [arm for arm in arms if arm is not type(None)]
+    words = {int: "a whole number", float: "a number", bool: "true or false"}
+    if len(kinds) != 1 or kinds[0] not in words:
+        return  # anything else: jsonargparse's own message
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--value", type=hint)
     try:
-        readers[kind](value)
-    except (ValueError, KeyError):
-        words = {"int": "a whole number", "float": "a number", "bool": "true or false"}
-        raise UserError(f"{where}={value}: expected {words[kind]}{' (or null)' if optional else ''}") from None
+        parser.parse_args([f"--value={value}"])
+    except ArgumentError:
+        raise UserError(f"{where}={value}: expected {words[kinds[0]]}{' (or null)' if optional else ''}") from None
 
 
 def _resolve_class(value: str, package: Any) -> type | None:
@@ -409,13 +401,13 @@ def _resolve_class(value: str, package: Any) -> type | None:
 def _check_option_names(argv: list[str]) -> None:
     """Unknown options of the model, data, trainer or adapter -- in flags or YAML files -- named with a suggestion.
 
-    jsonargparse's own message for a misspelt nested option is a page of usage and a type error; this names the file
-    and line (or the flag), the class, and the closest valid names.
+    jsonargparse's own message for a misspelt nested option is a page of usage and a type error, without the file or
+    line; this names the file and line (or the flag), the class, and the closest valid names -- the names and types
+    jsonargparse itself accepts (:func:`_options_of`). The trainer is ``ftframe.device.Trainer``, the CLI's.
     """
     import difflib
 
     import yaml
-    from lightning.pytorch import Trainer
 
     classes: dict[str, type | None] = {"model": ftframe.methods.LoRA, "data": ftframe.data.InstructionDataModule,
                                        "trainer": Trainer, "adapter": AdapterExport}

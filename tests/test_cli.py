@@ -222,3 +222,37 @@ def test_validate_before_fit_with_validation_inside_fit(tiny_model, tiny_data, t
                        "--trainer.val_check_interval=1", "--validate_before_fit=true"))
     printed = capsys.readouterr().out
     assert re.search(r"val/loss: before \d+\.\d+ -> after \d+\.\d+", printed), printed
+
+
+def test_a_tools_list_options_take_space_separated_values_typed_by_jsonargparse(capsys):
+    from ftframe.cli import _tool
+
+    def tool(names: list[str] | None = None, weights: list[float] | None = None, prompt: str | list[str] | None = None,
+             steps: int = 1) -> dict:
+        return {"names": names, "weights": weights, "prompt": prompt, "steps": steps}
+
+    run = _tool(tool, "tool")
+    assert run(["--names", "a b", "c:d", "--weights", "1", "0.5", "--prompt", "What is 2+2?", "--steps", "3"]) == {
+        "names": ["a b", "c:d"], "weights": [1.0, 0.5], "prompt": ["What is 2+2?"], "steps": 3}
+    assert run(["--names", "[x, y]", "--weights+", "2", "--weights+", "3", "--prompt=hi"]) == {
+        "names": ["x", "y"], "weights": [2.0, 3.0], "prompt": "hi", "steps": 1}
+    with pytest.raises(SystemExit) as stop:
+        run(["--weights", "1", "x"])  # the element type is jsonargparse's to check
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Parser key "weights"' in err and "Got value: x" in err
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--data.packing=1", "--data.packing=1: expected true or false"),
+    ("--data.max_train_examples=none", "--data.max_train_examples=none: expected a whole number (or null)"),
+    ("--model.neftune_alpha=x", "--model.neftune_alpha=x: expected a number (or null)"),
+    ("--data.packing=yes", None), ("--data.max_train_examples=null", None), ("--trainer.max_steps=3", None)])
+def test_a_flag_value_is_checked_as_jsonargparse_would(flag, message):
+    from ftframe.cli import _check_option_names
+
+    if message is None:
+        _check_option_names([flag])  # jsonargparse accepts it, so must this
+    else:
+        with pytest.raises(UserError, match=re.escape(message)):
+            _check_option_names([flag])
