@@ -3,8 +3,9 @@ adapter merged in memory) as one GGUF v3 file for llama.cpp and its relatives, t
 back with transformers and comparing token ids, chat template, logits and greedy generations with the source.
 Tensor names come from ``gguf``'s own ``TensorNameMap``; q/k projections are permuted to llama.cpp's interleaved
 rotary layout (transformers' GGUF loader permutes them back); the tokenizer is written as a byte-level BPE
-(``tokenizer.ggml.model = "gpt2"``). Anything the llama GGUF layout cannot hold (biases, another activation, rope
-scaling, an unmapped tensor, a sentencepiece tokenizer) is refused instead of silently dropped.
+(``tokenizer.ggml.model = "gpt2"``), its merges, special token ids and chat template by ``gguf.SpecialVocab``.
+Anything the llama GGUF layout cannot hold (biases, another activation, rope scaling, an unmapped tensor, a
+sentencepiece tokenizer) is refused instead of silently dropped.
 """
 
 from __future__ import annotations
@@ -177,38 +178,35 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> 
         # special -> CONTROL (never produced from text unless asked); others stay whole in text -> USER_DEFINED
         tokens[i] = added.content
         types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
-               "pad": tokenizer.pad_token_id}
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
-              "pad": writer.add_pad_token_id}
-    for key, token_id in special.items():
-        if token_id is not None:
-            adders[key](token_id)
     # whether encoding adds BOS / EOS is a property of the post-processor: read it off an encoding
+    ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
-    add_bos = special["bos"] is not None and len(full) > len(plain) and full[0] == special["bos"]
-    add_eos = special["eos"] is not None and len(full) > len(plain) and full[-1] == special["eos"]
-    if full != [special["bos"]] * add_bos + plain + [special["eos"]] * add_eos:
+    add_bos = ids["bos"] is not None and len(full) > len(plain) and full[0] == ids["bos"]
+    add_eos = ids["eos"] is not None and len(full) > len(plain) and full[-1] == ids["eos"]
+    if full != [ids["bos"]] * add_bos + plain + [ids["eos"]] * add_eos:
         raise UserError(f"the tokenizer adds special tokens other than BOS / EOS ({full} for {plain}), which GGUF "
                         "cannot describe")
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(add_eos)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: llama.cpp's list form
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    if template:
-        writer.add_chat_template(template)
-    return {"pre": pre, "tokens": len(vocab), "merges": len(merges), "add_bos": add_bos, "add_eos": add_eos,
+    # merges, special token ids and the chat template(s): gguf's SpecialVocab reads them from the saved tokenizer
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    read = {k: special.special_token_ids.get(k) for k in ids}
+    if read != ids:
+        raise UserError(f"gguf.SpecialVocab reads the special token ids {read} from the saved tokenizer, but the "
+                        f"tokenizer has {ids}; the file would not match the tokenizer, so nothing was written")
+    # SpecialVocab takes add_*_token from tokenizer_config.json or a simple post-processor, if it finds them there
+    # (transformers 5 saves neither for a plain tokenizers backend); the encoding above is what the tokenizer does
+    special.add_special_token.update(bos=add_bos, eos=add_eos)
+    special.add_to_gguf(writer, quiet=True)
+    return {"pre": pre, "tokens": len(vocab), "merges": len(special.merges), "add_bos": add_bos, "add_eos": add_eos,
             "control": sum(t == gguf.TokenType.CONTROL for t in types),
             "user_defined": sum(t == gguf.TokenType.USER_DEFINED for t in types),
-            "chat_template": bool(template), **{f"{k}_id": v for k, v in special.items()}}
+            "chat_template": bool(special.chat_template), **{f"{k}_id": v for k, v in ids.items()}}
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, outtype: OutType = "f16", name: str | None = None) -> dict:
