@@ -28,7 +28,13 @@ from lightning.pytorch.cli import LightningCLI
 
 import ftframe.data
 import ftframe.methods  # imported so short names (--model LoRA, --data InstructionDataModule) resolve
-from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ClassificationReport, GracefulStop
+from ftframe.callbacks import (
+    AdapterCheckpoint,
+    AdapterExport,
+    ClassificationReport,
+    GracefulStop,
+    NonFiniteGuard,
+)
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
 from ftframe.device import Trainer, is_rank_zero, plan_for
 from ftframe.errors import UserError
@@ -237,6 +243,8 @@ class FTFrameCLI(LightningCLI):
         if not any(isinstance(cb, GracefulStop) for cb in self.trainer.callbacks):
             # first: it must ask to stop before AdapterCheckpoint (ordered last) decides what to save after a step
             self.trainer.callbacks.insert(0, GracefulStop())
+        if not any(isinstance(cb, NonFiniteGuard) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.insert(0, NonFiniteGuard())  # inf / NaN steps skipped, too many stop training
         self._val_before = None
         if self.config[self.subcommand].get("validate_before_fit"):
             self._val_before = self._validate("before training")

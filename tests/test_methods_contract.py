@@ -1,4 +1,4 @@
-"""The contract every method keeps (DESIGN.md, "Contracts"), parametrized over all methods on a tiny Llama."""
+"""The contract every method keeps (docs/design.md, "Adding a method"), parametrized over all methods on a tiny Llama."""
 
 from __future__ import annotations
 

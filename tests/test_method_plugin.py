@@ -1,0 +1,128 @@
+"""Adding a method is one file (plus its YAML): a method in a package of its own, found through the ``ftframe.methods``
+entry-point group, passes the contract tests and runs through ``ftframe compare``, ``merge`` and ``generate`` with no
+edit to ftframe or its tests (docs/design.md, "Adding a method")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METHOD = '''
+"""Train only the normalization scales (a BitFit-like method), with its test variant and comparison."""
+
+from pathlib import Path
+
+from ftframe.methods import FineTuneModule, Variant
+
+
+class NormOnly(FineTuneModule):
+    """Train only the RMSNorm scales.
+
+    Args:
+        **kwargs: See :class:`FineTuneModule`.
+    """
+
+    variants = {"NormOnly": Variant({}, r"norm\\.weight$",
+                                    compare=("norm_only", str(Path(__file__).with_name("norm_only.yaml"))))}
+
+    def adapt(self, model):
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.requires_grad_(True)
+        return model
+'''
+
+YAML = """model:
+  class_path: ftframe_plugin_methods.norm_only.NormOnly
+  init_args:
+    learning_rate: 1.0e-2
+    lr_schedule: constant
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory) -> dict[str, str]:
+    """An environment in which a package ``ftframe_plugin_methods`` is installed (a dist-info with the entry point)."""
+    site = tmp_path_factory.mktemp("site")
+    package = site / "ftframe_plugin_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "norm_only.py").write_text(METHOD)
+    (package / "norm_only.yaml").write_text(YAML)
+    info = site / "ftframe_plugin_methods-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ftframe-plugin-methods\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ftframe.methods]\nNormOnly = ftframe_plugin_methods.norm_only:NormOnly\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def test_the_registry_finds_a_method_of_another_package(plugin_env):
+    code = ("from ftframe.methods import METHODS, variants; from ftframe.tools.compare import DEFAULT_METHODS; "
+            "print(METHODS['NormOnly'].__module__, 'NormOnly' in variants(matrix=True), 'norm_only' in DEFAULT_METHODS)")
+    out = _run([sys.executable, "-c", code], plugin_env).stdout.split()
+    assert out == ["ftframe_plugin_methods.norm_only", "True", "True"]
+
+
+def test_a_plugin_method_passes_the_contract_tests_unedited(plugin_env, tmp_path):
+    proc = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods_contract.py",
+                 "-k", "NormOnly", f"--basetemp={tmp_path / 'pytest'}"], plugin_env)
+    summary = proc.stdout.strip().splitlines()[-1]
+    # the parametrized contract: trainable set, every trainable tensor moves, save -> load_trained logits,
+    # trainable-only checkpoints, and a run through the CLI
+    assert "5 passed" in summary and "failed" not in summary, summary
+
+
+def test_a_plugin_method_runs_through_compare_merge_and_generate(plugin_env, tiny_model, tiny_data, tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(f"""seed_everything: 0
+trainer:
+  accelerator: cpu
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+model:
+  class_path: ftframe.methods.LoRA
+  init_args:
+    model_name: {tiny_model}
+data:
+  class_path: ftframe.data.InstructionDataModule
+  init_args:
+    train_files: {tiny_data}
+    val_size: 8
+    batch_size: 4
+    cache_dir: {tmp_path / 'cache'}
+""")
+    ftframe = [sys.executable, "-m", "ftframe"]
+    out = tmp_path / "cmp"
+    _run([*ftframe, "compare", "--fit_config", str(base), "--only", "norm_only", "--steps", "2", "--output", str(out),
+          "--metric_examples", "2", "--max_new_tokens", "2", "--configs_dir", str(ROOT / "configs")], plugin_env)
+    rows = json.loads((out / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    (row,) = rows
+    assert row["method"] == "norm_only"
+    assert row["trainable_params"] == 64 * 5  # 2 blocks x 2 norms + the final norm, hidden size 64
+    assert row["val_loss_after"] != row["val_loss_before"]
+    trained = next(out.glob("norm_only/**/ftframe.json")).parent
+    assert json.loads((trained / "ftframe.json").read_text())["method"] == "ftframe_plugin_methods.norm_only.NormOnly"
+    merged = tmp_path / "merged"
+    _run([*ftframe, "merge", "--adapter", str(trained), "--output", str(merged)], plugin_env)
+    assert (merged / "config.json").is_file()
+    answers = []
+    for folder in (trained, merged):
+        proc = _run([*ftframe, "generate", "--adapter", str(folder), "--prompt", "What is one plus two?",
+                     "--max_new_tokens", "4"], plugin_env)
+        answers.append(proc.stdout)
+    assert answers[0] == answers[1] and "What is one plus two?" in answers[0]
