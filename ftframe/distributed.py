@@ -24,7 +24,7 @@ import torch
 
 from ftframe.errors import UserError
 
-__all__ = ["RootForward", "any_rank", "clean_name", "decoder_block_policy", "explain_strategy_error", "fsdp_auto_wrap_policy",
+__all__ = ["RootForward", "any_rank", "build_model", "clean_name", "decoder_block_policy", "explain_strategy_error", "fsdp_auto_wrap_policy",
            "gather_objects", "gather_weights", "is_block", "mark_tied_parameters", "meta_init_here", "prepare_meta_init",
            "save_pretrained", "shards_parameters", "trainable_names", "zero3_loading_config"]
 
@@ -238,6 +238,17 @@ def zero3_loading_config(trainer: Any) -> Any:
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(strategy.config)
+
+
+def build_model(trainer: Any, meta_allowed: bool, skeleton: Any, load: Any) -> tuple[torch.nn.Module, bool, Any]:
+    """``(model, built on meta, ZeRO-3 loading config)``: ``skeleton()`` on the meta device where FSDP fills it
+    (:func:`meta_init_here`), else ``load()`` -- under ZeRO-3 with transformers' partitioned loading switched on
+    (keep the returned config alive for the run)."""
+    if meta_init_here(trainer, meta_allowed):
+        with torch.device("meta"):
+            return skeleton(), True, None
+    zero3 = zero3_loading_config(trainer)
+    return load(), False, zero3
 
 
 def meta_init_here(trainer: Any, allowed: bool) -> bool:

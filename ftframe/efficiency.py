@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ftframe.models import transformer_blocks, transformers_model
 from ftframe.packing import token_lengths
 
-__all__ = ["add_neftune", "cast_frozen_linear", "compile_blocks", "lean_activations", "own_mapped_weights"]
+__all__ = ["add_neftune", "apply_levers", "cast_frozen_linear", "frozen_storage_dtype", "compile_blocks", "lean_activations", "own_mapped_weights"]
 
 # Architectures whose MLP is ``down(silu(gate(x)) * up(x))``
 SWIGLU_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -296,3 +296,33 @@ def add_neftune(model: torch.nn.Module, alpha: float) -> None:
         return out + torch.empty_like(out).uniform_(-1, 1) * scale
 
     embeddings.register_forward_hook(hook)
+
+
+def frozen_storage_dtype(choice: str, cast_ok: bool, precision: Any, sharded: bool) -> torch.dtype | None:
+    """The dtype to store frozen linear weights in (``FineTuneModule.frozen_dtype``), ``None``: as loaded.
+
+    ``auto``: the 16-bit type ``bf16-mixed`` / ``16-mixed`` autocast computes them in anyway, for methods whose frozen
+    weights are used only in matmuls (``cast_ok``), and not under a sharding strategy (each unit casts itself there).
+    """
+    if choice != "auto":
+        return getattr(torch, choice) if choice != "float32" else None
+    if not cast_ok or sharded:
+        return None
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision or ""))
+
+
+def apply_levers(model: torch.nn.Module, frozen_dtype: torch.dtype | None, lean: bool, neftune_alpha: float | None,
+                 compile: bool, gradient_checkpointing: bool) -> None:
+    """Apply the training-path options of ``FineTuneModule`` (see its docstring) to the adapted ``model``."""
+    if frozen_dtype is not None and cast_frozen_linear(model, frozen_dtype):
+        own_mapped_weights(model)  # else the few fp32 weights left would keep the whole checkpoint file resident
+    if lean:
+        lean_activations(model)
+    if neftune_alpha is not None:
+        add_neftune(model, neftune_alpha)
+    if compile:
+        compile_blocks(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()

@@ -8,7 +8,6 @@ trainable-only checkpoints, saving the trained weights) so that a method is a ha
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, final
 
@@ -18,22 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ftframe.artifacts import TrainedFolder, load_peft_adapter, merge_peft
 from ftframe.distributed import (
+    build_model,
     mark_tied_parameters,
-    meta_init_here,
     prepare_meta_init,
     save_pretrained,
     shards_parameters,
     trainable_names,
-    zero3_loading_config,
 )
-from ftframe.efficiency import (
-    add_neftune,
-    cast_frozen_linear,
-    compile_blocks,
-    lean_activations,
-    own_mapped_weights,
-)
+from ftframe.efficiency import apply_levers, frozen_storage_dtype
 from ftframe.errors import UserError
+from ftframe.methods.variant import Variant
 from ftframe.metrics import StageMetrics
 from ftframe.models import (
     DTYPES,
@@ -51,24 +44,6 @@ from ftframe.tasks import CausalLM, Task
 __all__ = ["DEFAULT_MODEL", "FineTuneModule", "Variant"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One configuration of a method that ftframe's own tests and ``ftframe compare`` run.
-
-    Args:
-        options: Constructor options on the tiny test model (``tests/conftest.py``).
-        trains: Regular expression (``re.search``) matching exactly the names of the parameters it trains.
-        matrix: A row of the compatibility matrix and of the multi-process tests (else the contract tests only).
-        compare: ``(label, spec)`` for ``ftframe compare``: a YAML under ``configs/methods`` followed by extra
-            ``ftframe fit`` arguments; ``None``: not compared.
-    """
-
-    options: dict[str, Any] = field(default_factory=dict)
-    trains: str = "."
-    matrix: bool = True
-    compare: tuple[str, str] | None = None
 
 
 class FineTuneModule(LightningModule):
@@ -286,17 +261,11 @@ class FineTuneModule(LightningModule):
             with torch.device("meta"):
                 skeleton = self.task.auto_class().from_config(config)
             check_target_modules(skeleton, peft_config.target_modules, type(self).__name__)
-        if meta_init_here(self._trainer, self.meta_init):
-            # FSDP, rank > 0: the architecture alone; rank 0 reads the weights and FSDP broadcasts them while it wraps
-            # the model (sync_module_states), materializing these modules on the device first (param_init_fn)
-            with torch.device("meta"):
-                model = self.task.auto_class().from_config(config, dtype=DTYPES[self.dtype_name])
-            self.built_on_meta = True
-        else:
-            # DeepSpeed ZeRO-3 builds the model inside deepspeed.zero.Init, which partitions each weight as it is
-            # created: transformers must know, to load checkpoint weights into the partitions (kept for the run)
-            self._hf_deepspeed = zero3_loading_config(self._trainer)
-            model = self.load_base_model()
+        # FSDP, rank > 0: the architecture alone on the meta device (rank 0's weights arrive as FSDP wraps it);
+        # DeepSpeed ZeRO-3: transformers loads into the partitions (its switch is kept alive for the run)
+        model, self.built_on_meta, self._hf_deepspeed = build_model(
+            self._trainer, self.meta_init, lambda: self.task.auto_class().from_config(config, dtype=DTYPES[self.dtype_name]),
+            self.load_base_model)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
@@ -305,19 +274,11 @@ class FineTuneModule(LightningModule):
         head = self.task.head(model)
         if self.task.new_head and head is not None and not hasattr(model, "peft_config"):
             head.requires_grad_(True)  # a freshly initialized head must learn (peft methods: modules_to_save does it)
-        dtype = self._frozen_dtype()
-        if dtype is not None and cast_frozen_linear(model, dtype):
-            own_mapped_weights(model)  # else the few fp32 weights left would keep the whole checkpoint file resident
-        if self.lean_activations:
-            lean_activations(model)
-        if self.neftune_alpha is not None:
-            add_neftune(model, self.neftune_alpha)
-        if self.compile_blocks:
-            compile_blocks(model)
-        if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
+        sharded = shards_parameters(self._trainer)  # FSDP / ZeRO-3 cast each unit's weights themselves
+        frozen = frozen_storage_dtype(self.frozen_dtype, self.cast_frozen_weights, getattr(self._trainer, "precision",
+                                      None), sharded)
+        apply_levers(model, frozen, self.lean_activations, self.neftune_alpha, self.compile_blocks,
+                     self.gradient_checkpointing)
         mark_tied_parameters(model)  # for FSDP's wrapping policy: shared weights stay in one unit
         if self.built_on_meta:
             prepare_meta_init(self._trainer, model)  # FSDP fills meta modules one by one, tied weights kept tied
@@ -328,17 +289,6 @@ class FineTuneModule(LightningModule):
             raise UserError(f"{type(self).__name__} left no trainable parameters; check its options")
         rank_zero_info(f"[ftframe] {type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
                    f"({100 * trainable / total:.3f}%)")
-
-    def _frozen_dtype(self) -> torch.dtype | None:
-        if self.frozen_dtype == "auto" and not self.cast_frozen_weights:
-            return None
-        if self.frozen_dtype != "auto":
-            return getattr(torch, self.frozen_dtype) if self.frozen_dtype != "float32" else None
-        trainer = self._trainer
-        if shards_parameters(trainer):
-            return None  # FSDP / ZeRO-3 cast each unit's weights themselves; a flat parameter needs one dtype
-        precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
-        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
     @final
     def parameter_counts(self) -> tuple[int, int]:
