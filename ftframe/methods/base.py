@@ -1,8 +1,7 @@
-"""``FineTuneModule``: the one base class every adaptation method subclasses.
+"""``FineTuneModule``: the one base class every adaptation method subclasses (docs/design.md).
 
-It owns the Lightning plumbing (building the model in ``configure_model``, the optimizer and LR schedule, logging,
-trainable-only checkpoints, saving the trained weights) so that a method is a handful of lines. See
-``docs/methods.md`` for a worked example of adding one.
+It owns the Lightning plumbing -- building the model in ``configure_model``, the optimizer, logging, trainable-only
+checkpoints, saving and loading the trained weights -- so that a method is a handful of lines.
 """
 
 from __future__ import annotations
@@ -47,23 +46,21 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class FineTuneModule(LightningModule):
-    """Base of all fine-tuning methods.
+    """Base of all fine-tuning methods (docs/design.md, "Adding a method").
 
     Subclasses override one or more of these hooks (and nothing else):
 
-    * :meth:`peft_config` -- return a ``peft`` config; the base applies it with ``get_peft_model``
-      (most methods need only this: see ``LoRA``).
-    * :meth:`adapt` -- transform the loaded model yourself (methods ``peft`` lacks; the default applies
-      :meth:`peft_config` or, when that is ``None``, trains every parameter).
-    * :meth:`load_base_model` -- change how the frozen base is loaded (``QLoRA``: 4-bit NF4 via bitsandbytes).
-    * :meth:`check_base` -- refuse an unsuitable base model from its config, before its weights load.
-    * :meth:`save_trained` -- change what is written as the trained artifact (default: the peft adapter folder,
-      or the whole model when no peft config is used).
-    * :meth:`disable_adapters` -- a switch back to the untuned base without a second copy (the forgetting monitor's
-      KL reference); default: peft's ``disable_adapter()``.
+    * :meth:`peft_config` -- a ``peft`` config, applied with ``get_peft_model`` (most methods need only this: ``LoRA``);
+    * :meth:`adapt` -- transform the loaded model yourself (methods ``peft`` lacks; default: apply :meth:`peft_config`,
+      or train every parameter when it is ``None``);
+    * :meth:`load_base_model` -- how the frozen base loads (``QLoRA``: 4-bit NF4); :meth:`check_base` -- refuse an
+      unsuitable base from its config, before its weights load;
+    * :meth:`save_trained` and its counterparts :meth:`load_trained` / :meth:`load_base` / :meth:`merge_trained` --
+      what is written as the trained artifact and how every command loads (or merges) it again;
+    * :meth:`disable_adapters` -- the untuned base without a second copy (the forgetting monitor's reference).
 
     Trainable parameters are whatever has ``requires_grad`` after :meth:`adapt`; checkpoints hold only those (plus
-    optimizer and loop state), never the frozen base.
+    optimizer and loop state), never the frozen base. Non-finite steps are skipped by the ``NonFiniteGuard`` callback.
 
     Args:
         model_name: Base model: an asset name (see ``ftframe download``), a local Hugging Face folder, a ``.gguf``
@@ -77,21 +74,15 @@ class FineTuneModule(LightningModule):
         lr_schedule: Shape of the LR after warm-up.
         min_lr_ratio: Final LR as a fraction of the peak for the cosine schedule.
         gradient_checkpointing: Recompute activations in the backward pass to save memory (slower).
-        frozen_dtype: Storage dtype of frozen linear weights. ``auto``: under ``bf16-mixed`` / ``16-mixed`` precision,
-            the 16-bit type autocast computes them in anyway -- same results, half the memory, no per-step casts --
-            for methods that use frozen weights only in matmuls (``cast_frozen_weights``: LoRA, LastLayers,
-            BottleneckAdapters); as loaded otherwise. Embeddings (and a head tied to them) and trainable weights are
-            never converted.
-        lean_activations: Keep fewer activation copies for the backward pass, with identical results: under mixed
-            precision, layers reading the same input share one 16-bit copy of it and LoRA branches skip peft's exact
-            fp32 round trip of 16-bit inputs; the SwiGLU MLP recomputes ``silu(gate)`` instead of keeping it; outside
-            autocast, vanilla LoRA layers run as one fused function (fewer full-width passes; equal to rounding).
+        frozen_dtype: Storage dtype of frozen linear weights. ``auto``: under ``bf16-mixed`` / ``16-mixed``, the 16-bit
+            type autocast computes them in anyway (same results, half the memory) for methods that use frozen weights
+            only in matmuls (``cast_frozen_weights``); as loaded otherwise. Embeddings and trained weights never change.
+        lean_activations: Keep fewer activation copies for the backward pass, with identical results (shared 16-bit
+            input copies, ``silu(gate)`` recomputed, vanilla LoRA fused outside autocast; docs/performance.md).
         fused_optimizer: Use PyTorch's fused AdamW kernel (one kernel for all parameters; same update).
-        neftune_alpha: NEFTune: add uniform noise of size ``alpha / sqrt(length x hidden)`` to the input embeddings while
-            training (Jain et al., 2023, https://arxiv.org/abs/2310.05914; ``length`` is each example's own length in
-            packed batches, the padded length otherwise); ``null`` disables. Papers use 5-15.
-        compile: ``torch.compile`` each transformer block (fuses elementwise work; the first steps are slower while
-            it compiles).
+        neftune_alpha: NEFTune noise ``alpha / sqrt(length x hidden)`` on the input embeddings while training (Jain et
+            al., 2023, https://arxiv.org/abs/2310.05914); ``null`` disables. Papers use 5-15.
+        compile: ``torch.compile`` each transformer block (the first steps are slower while it compiles).
     """
 
     #: Whether frozen weights are used only in matmuls, so that ``frozen_dtype: auto`` may store them in the
@@ -149,7 +140,6 @@ class FineTuneModule(LightningModule):
         #: the last computed ``{"val": ..., "test": ...}`` metric values, tensors included (confusion matrices)
         self.computed_metrics: dict[str, dict[str, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ hooks for subclasses
     def check_base(self, config: Any) -> None:
         """Refuse a base model this method cannot work with, from its config alone (before any weight loads).
 
@@ -244,7 +234,6 @@ class FineTuneModule(LightningModule):
               **extra: Any) -> None:
         save_pretrained(model, directory, state_dict, offline=resolve_model(self.model_name) != self.model_name, **extra)
 
-    # ------------------------------------------------------------------ plumbing
     @final
     def configure_model(self) -> None:
         if self.model is not None:  # fit -> validate reuse the same model; Lightning may call this more than once
@@ -317,26 +306,26 @@ class FineTuneModule(LightningModule):
             self.log("train/tokens", self.step_tokens.float(), reduce_fx="sum", batch_size=bs)
         return loss
 
+    # fresh state in the current grad mode: a state created under ``trainer.validate``'s inference mode cannot be
+    # updated by the validation that runs inside ``fit`` (e.g. validate_before_fit, then a sanity check)
     def on_validation_epoch_start(self) -> None:
-        # fresh state in the current grad mode: a state created under ``trainer.validate``'s inference mode cannot
-        # be updated by the validation that runs inside ``fit`` (e.g. validate_before_fit, then a sanity check)
-        self._reset_eval("val")
+        self.eval_metrics["val"].reset()
 
     def on_test_epoch_start(self) -> None:
-        self._reset_eval("test")
+        self.eval_metrics["test"].reset()
 
     @final
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
 
     @final
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Updates the test loss and metrics; returns per-example records for error-analysis callbacks."""
         outputs = self._eval_step("test", batch, dataloader_idx)
         return self.task.examples(batch, outputs) if outputs is not None else []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
@@ -349,17 +338,13 @@ class FineTuneModule(LightningModule):
                                         else None)
         return outputs
 
-    def _reset_eval(self, stage: str) -> None:
-        self.eval_metrics[stage].reset()
-
     def _log_eval(self, stage: str) -> None:
-        if self.trainer.sanity_checking:
-            return
-        logged, computed = self.eval_metrics[stage].compute(stage)
-        self.computed_metrics.update(computed)
-        if f"{stage}/loss" in logged:
-            self.log(f"{stage}/loss", logged.pop(f"{stage}/loss"), prog_bar=stage == "val", sync_dist=False)
-        self.log_dict(logged, sync_dist=False)  # reduced over all ranks by torchmetrics already
+        if not self.trainer.sanity_checking:
+            logged, computed = self.eval_metrics[stage].compute(stage)
+            self.computed_metrics.update(computed)
+            if f"{stage}/loss" in logged:
+                self.log(f"{stage}/loss", logged.pop(f"{stage}/loss"), prog_bar=stage == "val", sync_dist=False)
+            self.log_dict(logged, sync_dist=False)  # reduced over all ranks by torchmetrics already
 
     @final
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
