@@ -1,4 +1,4 @@
-"""Tasks: *what* is learned, composed into every method (see DESIGN.md, "Two axes, kept apart").
+"""Tasks: *what* is learned, composed into every method (see docs/design.md, "The seams").
 
 A task knows which ``transformers`` auto-class builds the backbone, which ``peft`` task type adapters use, and how
 to turn a batch into a loss. Methods never branch on the task; they call these members.
