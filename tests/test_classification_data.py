@@ -10,11 +10,7 @@ import torch
 
 from ftframe.data import ClassificationDataModule
 from ftframe.errors import UserError
-
-
-def _jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
+from tests.helpers import write_jsonl
 
 
 def _reviews(n_pos=60, n_neg=40):
@@ -24,7 +20,7 @@ def _reviews(n_pos=60, n_neg=40):
 
 
 def test_stratified_deterministic_split_and_label_names(tiny_model, tmp_path):
-    path = _jsonl(tmp_path / "r.jsonl", _reviews())
+    path = write_jsonl(tmp_path / "r.jsonl", _reviews())
     splits = []
     for _ in range(2):
         dm = ClassificationDataModule(train_files=path, tokenizer=tiny_model, val_size=0.2, test_size=0.1)
@@ -43,7 +39,7 @@ def test_stratified_deterministic_split_and_label_names(tiny_model, tmp_path):
 
 
 def test_batches_are_padded_to_the_longest_with_one_label_each(tiny_model, tmp_path):
-    path = _jsonl(tmp_path / "r.jsonl", _reviews())
+    path = write_jsonl(tmp_path / "r.jsonl", _reviews())
     dm = ClassificationDataModule(train_files=path, tokenizer=tiny_model, batch_size=8, pad_to_multiple_of=None,
                                   group_by_length=False)
     dm.setup("fit")
@@ -70,7 +66,7 @@ def test_text_pairs_and_integer_labels_from_csv(tiny_model, tmp_path):
 
 
 def test_given_label_order_fixes_the_ids(tiny_model, tmp_path):
-    path = _jsonl(tmp_path / "r.jsonl", _reviews())
+    path = write_jsonl(tmp_path / "r.jsonl", _reviews())
     dm = ClassificationDataModule(train_files=path, tokenizer=tiny_model, labels=["rotten", "fresh"])
     dm.setup("fit")
     assert dm.label2id == {"rotten": 0, "fresh": 1}
@@ -86,15 +82,15 @@ def test_given_label_order_fixes_the_ids(tiny_model, tmp_path):
      {"empty_text": "error"}, r"r\.jsonl:2: empty text"),
 ])
 def test_bad_input_names_file_line_and_column(records, field, message, tiny_model, tmp_path):
-    path = _jsonl(tmp_path / "r.jsonl", records)
+    path = write_jsonl(tmp_path / "r.jsonl", records)
     dm = ClassificationDataModule(train_files=path, tokenizer=tiny_model, val_size=0, test_size=0, **field)
     with pytest.raises(UserError, match=message):
         dm.setup("fit")
 
 
 def test_unseen_label_in_validation_file(tiny_model, tmp_path):
-    train = _jsonl(tmp_path / "train.jsonl", _reviews())
-    val = _jsonl(tmp_path / "val.jsonl", [{"text": "ok", "label": "fresh"}, {"text": "meh", "label": "mixed"}])
+    train = write_jsonl(tmp_path / "train.jsonl", _reviews())
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "ok", "label": "fresh"}, {"text": "meh", "label": "mixed"}])
     dm = ClassificationDataModule(train_files=train, val_files=val, tokenizer=tiny_model, test_size=0)
     with pytest.raises(UserError, match=r"val\.jsonl:2: label 'mixed' is not one of the training labels "
                                         r"\['fresh', 'rotten'\]"):
@@ -103,7 +99,7 @@ def test_unseen_label_in_validation_file(tiny_model, tmp_path):
 
 def test_empty_texts_are_skipped_and_counted(tiny_model, tmp_path):
     records = _reviews() + [{"text": "", "label": "fresh"}, {"text": "  ", "label": "rotten"}]
-    dm = ClassificationDataModule(train_files=_jsonl(tmp_path / "r.jsonl", records), tokenizer=tiny_model,
+    dm = ClassificationDataModule(train_files=write_jsonl(tmp_path / "r.jsonl", records), tokenizer=tiny_model,
                                   val_size=0, test_size=0)
     with pytest.warns(UserWarning, match=r"skipped 2 record\(s\) with empty text \(first: .*r\.jsonl:101\)"):
         dm.setup("fit")

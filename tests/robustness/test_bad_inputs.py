@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ftframe.cli import main
+from tests.helpers import checkpointing_trainer, tiny_fit_args, tiny_instruction_data
 
 GOOD = {"instruction": "What is one plus one?", "output": "two"}
 
@@ -115,10 +116,7 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_training(tiny
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit) as stop:
-        main(["fit", f"--model.model_name={tiny_model}", f"--data.train_files={tiny_data}", "--data.val_size=2",
-              f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
-              "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
-              f"--adapter.dirpath={blocker / 'adapter'}"])
+        main(tiny_fit_args(tiny_model, tiny_data, tmp_path / "run", blocker / "adapter"))
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert f"output folder {blocker / 'adapter'} cannot be created: {blocker} is a file, not a folder; choose " \
@@ -131,11 +129,8 @@ def test_a_full_disk_while_checkpointing_removes_the_partial_folder_and_names_th
     import errno
 
     from ftframe import artifacts
-    from ftframe.callbacks import AdapterCheckpoint
-    from ftframe.data import InstructionDataModule
     from ftframe.errors import UserError
     from ftframe.methods import LoRA
-    from tests.helpers import tiny_trainer
 
     original = artifacts.write_trained
     calls = []
@@ -152,10 +147,8 @@ def test_a_full_disk_while_checkpointing_removes_the_partial_folder_and_names_th
 
     monkeypatch.setattr(checkpoint_module, "write_trained", fill_the_disk)
     folder = tmp_path / "checkpoints"
-    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
-                                 cache_dir=str(tmp_path / "cache"))
-    trainer = tiny_trainer(tmp_path, max_steps=4, enable_checkpointing=True,
-                           callbacks=[AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=1, monitor=None)])
+    data = tiny_instruction_data(tiny_model, tiny_data, tmp_path)
+    trainer = checkpointing_trainer(tmp_path, folder, max_steps=4, every_n_train_steps=1)
     with pytest.raises(UserError, match=rf"no space left on the device while writing {folder / 'step=000002'} "
                                         rf"\(\d+ MiB free\): the partial folder was removed and the last complete "
                                         rf"checkpoint, {folder / 'step=000001'}, is intact"):

@@ -3,25 +3,28 @@ naming the batch's examples; past ``max_nonfinite_steps`` training stops with an
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from ftframe.callbacks import AdapterCheckpoint
-from ftframe.data import InstructionDataModule
+from ftframe.callbacks import AdapterCheckpoint, NonFiniteGuard
 from ftframe.errors import UserError
 from ftframe.methods import LoRA
-from tests.helpers import tiny_trainer
+from tests.helpers import fit_command, run_cli, tiny_instruction_data, tiny_trainer
 from tests.probes import InfGradientAt, NaNLossTask, WeightsPerStep
 
 
-def _fit(tiny_model, tiny_data, tmp_path, steps=4, callbacks=(), checkpointing=False, **module_kwargs):
+def _fit(tiny_model, tiny_data, tmp_path, steps=4, callbacks=(), checkpointing=False, max_nonfinite_steps=10,
+         **module_kwargs):
+    """Train LoRA with the NonFiniteGuard (which ``ftframe fit`` adds to every run): (module, weights, guard)."""
     module = LoRA(model_name=tiny_model, learning_rate=1e-2, **module_kwargs)
-    data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
-                                 cache_dir=str(tmp_path / "cache"))
-    record = WeightsPerStep()
-    trainer = tiny_trainer(tmp_path, max_steps=steps, callbacks=[record, *callbacks], enable_checkpointing=checkpointing)
+    data = tiny_instruction_data(tiny_model, tiny_data, tmp_path)
+    record, guard = WeightsPerStep(), NonFiniteGuard(max_nonfinite_steps=max_nonfinite_steps)
+    trainer = tiny_trainer(tmp_path, max_steps=steps, callbacks=[guard, record, *callbacks],
+                           enable_checkpointing=checkpointing)
     trainer.fit(module, datamodule=data)
-    return module, record
+    return module, record, guard
 
 
 def _same(a, b) -> bool:
@@ -34,8 +37,8 @@ def test_a_nonfinite_step_is_skipped_with_a_warning_naming_its_examples(kind, ti
     callbacks = [InfGradientAt([2])] if kind == "gradients" else []
     with pytest.warns(UserWarning, match=rf"step 2: non-finite {kind}; step skipped, weights unchanged \(1 of at "
                                          r"most 10\); the batch held training examples \[\d+, \d+, \d+, \d+\]"):
-        module, record = _fit(tiny_model, tiny_data, tmp_path, callbacks=callbacks, **extra)
-    assert module.nonfinite_steps == 1
+        _, record, guard = _fit(tiny_model, tiny_data, tmp_path, callbacks=callbacks, **extra)
+    assert guard.nonfinite_steps == 1
     weights = record.history
     assert _same(weights[1], weights[0])  # step 2 changed nothing ...
     assert record.optimizer_steps == [1, 1, 2, 3]  # ... not even AdamW's moments and step count
@@ -54,21 +57,18 @@ def test_past_the_limit_training_stops_naming_the_examples_and_the_checkpoint_ke
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step=*")) == [f"step={i:06d}" for i in (1, 2, 3)]
 
 
-def test_max_nonfinite_steps_must_not_be_negative(tiny_model):
+def test_max_nonfinite_steps_must_not_be_negative():
     with pytest.raises(UserError, match="max_nonfinite_steps must be >= 0, got -1"):
-        LoRA(model_name=tiny_model, max_nonfinite_steps=-1)
+        NonFiniteGuard(max_nonfinite_steps=-1)
 
 
 @pytest.mark.distributed
 def test_under_ddp_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_model, tiny_data, tmp_path):
-    from tests.test_callbacks import _fit_cmd, _run
-
-    result = _run([*_fit_cmd(tiny_model, tiny_data, tmp_path, steps=4), "--trainer.devices=2", "--trainer.strategy=ddp",
-                   "--model.task=tests.probes.NaNLossTask", "--model.task.steps=[2]", "--model.task.rank=1"])
+    result = run_cli([*fit_command(tiny_model, tiny_data, tmp_path, steps=4), "--trainer.devices=2",
+                      "--trainer.strategy=ddp", "--model.task=tests.probes.NaNLossTask", "--model.task.steps=[2]",
+                      "--model.task.rank=1"])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]  # no hang, no crash: both ranks skipped step 2 together
-    import re
-
     match = re.search(r"step 2: non-finite loss; step skipped, weights unchanged \(1 of at most 10\); the batch held "
                       r"training examples \[([\d, ]+)\]", output)
     assert match and len(match.group(1).split(",")) == 8, output[-3000:]  # 4 examples from each of the 2 ranks

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from ftframe.cli import main
 from ftframe.data import InstructionDataModule
 from ftframe.data.sanity import render_mask
 from ftframe.errors import UserError
+from tests.helpers import write_jsonl
 
 
 def test_inspect_data_reports_what_training_would_learn_from(tiny_model, tiny_data, tmp_path, caplog):
@@ -58,8 +57,7 @@ def test_render_mask_brackets_exactly_the_supervised_tokens(tiny_model):
 
 def test_training_data_with_almost_no_supervised_tokens_is_refused(tiny_model, tmp_path):
     path = tmp_path / "long_prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": "one two three " * 40, "completion": "four"}) + "\n"
-                            for _ in range(12)), encoding="utf-8")
+    write_jsonl(path, [{"prompt": "one two three " * 40, "completion": "four"}] * 12)
     dm = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=2, cache_dir=str(tmp_path / "c"),
                                min_supervised_fraction=0.2)
     with pytest.raises(UserError, match=r"only \d+\.\d+% of the training tokens are supervised "
@@ -85,7 +83,7 @@ def test_strict_turns_truncated_and_dropped_records_into_an_error_naming_them(ti
     records = [{"prompt": "one two", "completion": "three"}] * 6
     records[2] = {"prompt": "one", "completion": "two three " * 30}  # the response runs past max_length
     records[4] = {"prompt": "one two " * 30, "completion": "three"}  # the prompt alone fills it
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(path, records)
     lenient = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, max_length=32,
                                     cache_dir=str(tmp_path / "c"), min_supervised_fraction=0)
     lenient.setup("fit")
@@ -101,7 +99,7 @@ def test_strict_turns_truncated_and_dropped_records_into_an_error_naming_them(ti
 def test_duplicate_record_ids_are_reported_and_refused_in_strict_mode(tiny_model, tmp_path):
     path = tmp_path / "ids.jsonl"
     records = [{"id": i % 4, "prompt": f"one {i}", "completion": "two"} for i in range(6)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(path, records)
     dm = InstructionDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, cache_dir=str(tmp_path / "c"),
                                min_supervised_fraction=0)
     with pytest.warns(UserWarning, match=r"2 record\(s\) repeat an earlier record's id: .*ids.jsonl:5 repeats id 0 of "
@@ -120,7 +118,7 @@ def test_strict_classification_data_refuses_empty_texts_and_truncation(tiny_mode
     path = tmp_path / "reviews.jsonl"
     rows = [{"text": f"one two {i}", "label": ["good", "bad"][i % 2]} for i in range(10)]
     rows[3]["text"] = ""
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(path, rows)
     lenient = ClassificationDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, test_size=0)
     lenient.setup("fit")
     assert lenient.stats["train"]["examples"] == 9
@@ -129,7 +127,7 @@ def test_strict_classification_data_refuses_empty_texts_and_truncation(tiny_mode
     with pytest.raises(UserError, match=r"reviews.jsonl:4"):
         strict.setup("fit")
     rows[3]["text"] = "one two " * 50
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(path, rows)
     strict = ClassificationDataModule(train_files=str(path), tokenizer=tiny_model, val_size=0, test_size=0,
                                       max_length=16, strict=True)
     with pytest.raises(UserError, match=r"strict: 1 train example\(s\) are longer than max_length=16 tokens"):

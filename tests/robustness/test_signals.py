@@ -11,17 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_callbacks import _fit_cmd, _run
+from tests.helpers import fit_command, run_cli
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_mid_run_checkpoints_the_step_exits_0_and_the_printed_command_resumes_it(name, tiny_model, tiny_data,
                                                                                        tmp_path):
-    full = _run(_fit_cmd(tiny_model, tiny_data, tmp_path / "full", steps=8))
+    full = run_cli(fit_command(tiny_model, tiny_data, tmp_path / "full", steps=8))
     assert full.returncode == 0, full.stderr[-3000:]
     run = tmp_path / "stopped"
-    stopped = _run([*_fit_cmd(tiny_model, tiny_data, run, steps=8), "--trainer.callbacks+=tests.probes.SignalAt",
-                    "--trainer.callbacks.step=4", f"--trainer.callbacks.name={name}"])
+    stopped = run_cli([*fit_command(tiny_model, tiny_data, run, steps=8), "--trainer.callbacks+=tests.probes.SignalAt",
+                       "--trainer.callbacks.step=4", f"--trainer.callbacks.name={name}"])
     output = stopped.stdout + stopped.stderr
     assert stopped.returncode == 0, output[-3000:]
     # the signal arrived as step 5 began: step 5 finished and its state was saved (checkpoints are every 2 steps)
@@ -30,7 +30,7 @@ def test_a_signal_mid_run_checkpoints_the_step_exits_0_and_the_printed_command_r
     assert not (run / "checkpoints" / "step=000006").exists()
     command = re.search(r"Resume with: (ftframe fit .*)", output).group(1)
     assert f"--ckpt_path {run / 'checkpoints' / 'step=000005'}" in command
-    resumed = _run([sys.executable, "-m", "ftframe", *shlex.split(command)[1:]])
+    resumed = run_cli([sys.executable, "-m", "ftframe", *shlex.split(command)[1:]])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
