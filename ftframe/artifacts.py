@@ -171,6 +171,13 @@ class TrainedFolder:
     def base(self) -> str | None:
         return self.peft_config.get("base_model_name_or_path") or self.metadata.get("model_name")
 
+    def base_name(self, model: str | None = None) -> str:
+        """``model`` if given, else the recorded base; a :class:`UserError` when there is neither."""
+        name = model or self.base
+        if not name:
+            raise UserError(f"no base model recorded in {self.path}; pass --model")
+        return name
+
     @property
     def is_peft(self) -> bool:
         return (self.path / "adapter_config.json").is_file()
@@ -243,6 +250,12 @@ def load_peft_adapter(base: Any, folder: Path, base_name: str) -> Any:
 
 def merge_peft(model: Any, folder: Path) -> Any:
     """peft's ``merge_and_unload`` (``safe_merge``: NaNs refused), its refusals as a :class:`UserError`."""
+    config = model.peft_config["default"]
+    if config.is_prompt_learning:
+        raise UserError(f"{folder} is a {getattr(config.peft_type, 'value', config.peft_type)} adapter: it learns virtual tokens (or per-layer key/value "
+                        "prefixes) fed with every input, not a change to the base's weights, so it cannot be merged. "
+                        "Use it with `ftframe generate --adapter`, or train a weight-adapting method (LoRA, DoRA, "
+                        "IA3) to get a plain merged model")
     try:
         return model.merge_and_unload(safe_merge=True)
     except ValueError as e:  # NaNs found by safe_merge, or a layer type peft cannot merge

@@ -69,6 +69,15 @@ class StageMetrics(torch.nn.Module):
                                   else None, logged, computed)
         return logged, computed
 
+    def log(self, module: Any, stage: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Log :meth:`compute`'s values through the LightningModule ``module`` (``val/loss`` on the progress bar;
+        no sync: torchmetrics reduced them over all ranks already); returns the computed tensors."""
+        logged, computed = self.compute(stage)
+        if f"{stage}/loss" in logged:
+            module.log(f"{stage}/loss", logged.pop(f"{stage}/loss"), prog_bar=stage == "val", sync_dist=False)
+        module.log_dict(logged, sync_dist=False)
+        return computed
+
     def _task_values(self, where: str, metrics: Any, logged: dict[str, Any],
                      computed: dict[str, dict[str, torch.Tensor]]) -> None:
         if metrics is None or not any(m.update_called for m in metrics.values()):

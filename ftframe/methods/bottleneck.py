@@ -158,9 +158,7 @@ class BottleneckAdapters(FineTuneModule):
     @classmethod
     def load_trained(cls, folder: TrainedFolder, model: str | None = None, dtype: Any = "float32") -> torch.nn.Module:
         config = json.loads((folder.path / CONFIG).read_text(encoding="utf-8"))
-        name = model or config.get("base_model_name_or_path") or folder.base
-        if not name:
-            raise UserError(f"no base model recorded in {folder.path}; pass --model")
+        name = folder.base_name(model or config.get("base_model_name_or_path"))
         return load_bottleneck_adapters(folder.path, cls.load_base(folder, name, dtype))
 
     @classmethod

@@ -195,9 +195,7 @@ class QLoRA(FineTuneModule):
     def merge_trained(cls, folder: TrainedFolder, model: str | None = None) -> tuple[torch.nn.Module, str]:
         """Merged onto the 4-bit base *dequantized* to float32 -- the weights the adapter was trained against, in
         high precision -- never into 4-bit weights (re-quantizing would round the adapter's update away)."""
-        name = model or folder.base
-        if not name:
-            raise UserError(f"no base model recorded in {folder.path}; pass --model")
+        name = folder.base_name(model)
         quantized = cls.load_base(folder, name, "float32")
         dequantized = _dequantized_state(quantized)  # before any forward
         auto, _ = folder.auto_class()
