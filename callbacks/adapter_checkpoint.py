@@ -1,44 +1,34 @@
 """Adapter-only checkpoints that a crash cannot damage and that resume training exactly.
 
-Each checkpoint is one folder, ``<dirpath>/step=000040``, holding
+:class:`AdapterCheckpoint` is Lightning's ``ModelCheckpoint``, whose code decides when to save and which checkpoints
+to keep; this class changes what a checkpoint is and how it is written. Each is one folder, ``<dirpath>/step=000040``:
+a trained folder :mod:`peft` loads as it is (the layout :class:`~ftframe.callbacks.AdapterExport` writes, with
+``ftframe.json``: method, base model, step, metrics, hyperparameters, monitor, score) plus ``resume.ckpt``, a
+Lightning checkpoint of the trainable weights only (never the frozen base), the optimizer and LR-scheduler state, the
+loops, every callback's state, the data module's position and the random-number generators of every rank.
 
-* a trained folder :mod:`peft` loads as it is (``adapter_config.json`` + ``adapter_model.safetensors``, or a whole model
-  for full fine-tuning), with the tokenizer, the run's ``config.yaml`` and ``ftframe.json`` (method, base model,
-  step, metrics, hyperparameters) -- the same layout :class:`~ftframe.callbacks.AdapterExport` writes;
-* ``resume.ckpt``: a Lightning checkpoint with the trainable weights only (never the frozen base), the optimizer and
-  LR-scheduler state, the loop counters, every callback's state, the data module's position in the epoch and the
-  random-number generators of every rank.
-
-A folder is written under a temporary name (``.tmp-step=...``) and renamed into place once complete, so killing the
-process mid-save leaves every earlier checkpoint intact; the ``last`` link is swapped atomically too. Leftover
-temporary folders are removed when the next run starts. Resume with ``ftframe fit ... --ckpt_path <dirpath>/last``.
+A folder is written as ``.tmp-step=...`` and renamed into place once complete, and the ``last`` link to the newest
+folder is swapped atomically before any older folder is deleted, so killing the process mid-save leaves every earlier
+checkpoint intact (the next run removes the leftover). Resume with ``ftframe fit ... --ckpt_path <dirpath>/last``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
+import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from ftframe.artifacts import (
-    METADATA_FILE,
-    check_writable,
-    gather_trained,
-    log_dir,
-    metadata,
-    replace_dir,
-    write_trained,
-    writing,
-)
+from ftframe.artifacts import check_writable, gather_trained, log_dir, replace_dir, write_trained, writing
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -46,134 +36,119 @@ __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
 RESUME_FILE = "resume.ckpt"
 LAST_LINK = "last"
 _RNG_KEY = "ftframe_rng_states"
-_NAME = re.compile(r"^step=(\d+)$")
 
 
-class AdapterCheckpoint(Checkpoint):
-    """Save adapter-only checkpoints every N steps and/or when a monitored metric improves; keep the top-k and the last.
+class AdapterCheckpoint(ModelCheckpoint):
+    """Save adapter-only checkpoint folders every N steps and/or when a monitored metric improves; keep top-k and last.
 
     Args:
         dirpath: Folder of the checkpoint folders; ``None`` = ``<trainer.log_dir>/checkpoints``.
         every_n_train_steps: Save every N optimizer steps (``0`` = never on a step count).
-        monitor: A logged metric (e.g. ``val/loss``, ``forgetting/tradeoff``). When set, a checkpoint is saved after
-            every validation and the ``save_top_k`` best by this metric are kept; step-count checkpoints are then
-            kept only as the last one.
+        monitor: A metric a validation logs (e.g. ``val/loss``, ``forgetting/tradeoff``): the ``save_top_k`` best by
+            it are kept. Checkpoints are ranked after validations only: with no interval set, after every one; a save
+            due at a training step is ranked after the next validation, and kept as the last until then.
         mode: Whether lower (``min``) or higher (``max``) values of ``monitor`` are better.
         save_top_k: How many checkpoints to keep besides the last: the best by ``monitor``, or the most recent when
             there is no monitor. ``-1`` keeps every checkpoint.
-        save_last: Always keep the most recent checkpoint (pointed to by the ``last`` link), whatever its rank.
-        save_on_train_end: Save the final state when training ends (also after early stopping).
+        save_last: Also keep the newest state whatever its rank (``last`` always links to the newest folder).
+        save_on_train_end: Save the final state when training ends (also after early stopping or a graceful stop).
+        every_n_epochs: Save every N epochs (instead of ``every_n_train_steps`` / ``train_time_interval``).
+        train_time_interval: Save at this interval of training time.
+        save_on_train_epoch_end: Save on an epoch interval at the end of the training epoch rather than after
+            validation (``None``: as Lightning decides).
 
     Raises:
         UserError: on an invalid option (before training starts).
-
-    Example:
-        ``ftframe fit --config configs/quickstart.yaml --trainer.callbacks+=ftframe.callbacks.AdapterCheckpoint
-        --trainer.callbacks.every_n_train_steps=20``; after a crash, the same command with
-        ``--ckpt_path runs/quickstart/checkpoints/last`` continues exactly where the last checkpoint left off.
     """
 
-    def __init__(
-        self,
-        dirpath: str | None = None,
-        every_n_train_steps: int = 0,
-        monitor: str | None = None,
-        mode: Literal["min", "max"] = "min",
-        save_top_k: int = 1,
-        save_last: bool = True,
-        save_on_train_end: bool = True,
-    ) -> None:
-        if every_n_train_steps < 0:
-            raise UserError(f"AdapterCheckpoint: every_n_train_steps must be >= 0, got {every_n_train_steps}")
+    # Lightning's checkpoint paths (best_model_path, best_k_models, last_model_path) name <dirpath>/step=N/resume.ckpt
+    FILE_EXTENSION = os.sep + RESUME_FILE
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, monitor: str | None = None,
+                 mode: Literal["min", "max"] = "min", save_top_k: int = 1, save_last: bool = True,
+                 save_on_train_end: bool = True, every_n_epochs: int | None = None,
+                 train_time_interval: timedelta | None = None, save_on_train_epoch_end: bool | None = None) -> None:
         if save_top_k < -1:
             raise UserError(f"AdapterCheckpoint: save_top_k must be >= -1 (-1 keeps all), got {save_top_k}")
-        if mode not in ("min", "max"):
-            raise UserError(f"AdapterCheckpoint: mode must be 'min' or 'max', got {mode!r}")
-        if not every_n_train_steps and monitor is None and not save_on_train_end:
-            raise UserError("AdapterCheckpoint would never save: set every_n_train_steps, monitor or save_on_train_end")
-        self.dirpath = Path(dirpath) if dirpath else None
-        self.every_n_train_steps = every_n_train_steps
-        self.monitor = monitor
-        self.mode = mode
-        self.save_top_k = save_top_k
-        self.save_last = save_last
+        scheduled = bool(every_n_train_steps or monitor or every_n_epochs or train_time_interval)
+        if not scheduled and not save_on_train_end:
+            raise UserError("AdapterCheckpoint would never save: set every_n_train_steps, every_n_epochs, "
+                            "train_time_interval, monitor or save_on_train_end")
+        by_step = monitor is None and save_top_k not in (-1, 0, 1)  # ModelCheckpoint's k most recent: the k best steps
+        try:
+            super().__init__(
+                dirpath=dirpath, filename="step={step:06d}", auto_insert_metric_name=False,
+                monitor="step" if by_step else monitor, mode="max" if by_step else mode, save_top_k=save_top_k,
+                save_last=save_last, every_n_train_steps=every_n_train_steps or None,
+                every_n_epochs=every_n_epochs if scheduled else 0,  # (not Lightning's default of every epoch)
+                train_time_interval=train_time_interval, save_on_train_epoch_end=save_on_train_epoch_end,
+                enable_version_counter=False)
+        except MisconfigurationException as e:
+            raise UserError(f"AdapterCheckpoint: {e}") from e
+        self.dirpath = Path(self.dirpath) if self.dirpath else None  # (a Path: ftframe's CLI joins it)
+        self.ranked_by = monitor  # the user's monitor, recorded in ftframe.json
         self.save_on_train_end = save_on_train_end
-        #: checkpoint folder name -> monitored score (``None``: saved on a step count, not ranked)
-        self.saved: dict[str, float | None] = {}
-        self.last_name: str | None = None
-        self._previous: str | None = None  # the checkpoint before the one being written
+        self._last_only = ""  # the newest folder, kept only as the last (not ranked among the top-k)
+        self._at_step = self._deferred = False  # (see _monitor_candidates)
         self._rng_to_restore: list[dict[str, Any]] | None = None
-        self._before_validation: str | None = None  # the step folder written just before a validation may run
-
-    # ------------------------------------------------------------------ Lightning-compatible attributes
-    @property
-    def state_key(self) -> str:
-        # not the folder: a resumed run may write elsewhere and still continue the ranking (see load_state_dict)
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode, every_n_train_steps=self.every_n_train_steps)
 
     @property
-    def best_model_path(self) -> str:
-        """``resume.ckpt`` of the best checkpoint (so ``ftframe validate --ckpt_path best`` works after ``fit``)."""
-        best = self._best_names(1)
-        return str(self._dir() / best[0] / RESUME_FILE) if best else ""
-
-    @property
-    def best_model_score(self) -> torch.Tensor | None:
-        best = self._best_names(1)
-        return torch.tensor(self.saved[best[0]]) if best and self.saved[best[0]] is not None else None
-
-    @property
-    def last_model_path(self) -> str:
-        return str(self._dir() / self.last_name / RESUME_FILE) if self.last_name else ""
+    def saved(self) -> dict[str, float]:
+        """The ranked checkpoints: folder name -> monitored value."""
+        return {Path(p).parent.name: float(s) for p, s in self.best_k_models.items()}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
-            self.dirpath = log_dir(trainer) / "checkpoints"
+            self.dirpath = log_dir(trainer) / "checkpoints"  # collective under DDP: every rank
+        with warnings.catch_warnings():  # resuming into the folder is what it is for
+            warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        self.dirpath = Path(self.dirpath)
         if stage == "fit":
-            check_writable(Path(self.dirpath), "the AdapterCheckpoint's dirpath")
-        if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():
-            for leftover in self.dirpath.glob(".tmp-*"):
+            check_writable(self.dirpath, "the AdapterCheckpoint's dirpath")
+            for leftover in self.dirpath.glob(".tmp-*") if trainer.is_global_zero else ():
                 rank_zero_warn(f"[ftframe] removing {leftover}: an incomplete checkpoint from a run that stopped while "
                                "saving (the checkpoints next to it are intact)")
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        due = bool(self.every_n_train_steps) and step > 0 and step % self.every_n_train_steps == 0
+        self._at_step, self._deferred = True, False
+        try:
+            super().on_train_batch_end(trainer, pl_module, *args)
+        finally:
+            self._at_step = False
         # the final state is saved here, inside the epoch, rather than in on_train_end: a checkpoint written after the
         # loop has wound up records a finished epoch and would skip the rest of it on resume
-        final = self.save_on_train_end and step > 0 and (
-            trainer.should_stop or (trainer.max_steps > 0 and step >= trainer.max_steps))
-        if (due or final) and self._may_save(trainer):
-            self.save(trainer, pl_module, ranked=False)
-            self._before_validation = self.last_name
+        final = self.save_on_train_end and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step)
+        if final or self._deferred:
+            self._save_now(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != "fit" or not self._may_save(trainer):
-            return
-        # A validation right after a step checkpoint: write that step again, now with the validation's results and
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        # A validation right after a step was saved: that step is written again, now with the validation's results and
         # callback states (e.g. the forgetting measurement) in it. Resuming from the first version would skip this
         # validation -- Lightning does not repeat a validation after a checkpoint of the batch before it.
-        refresh = self._before_validation == f"step={trainer.global_step:06d}"
-        self._before_validation = None
-        if self.monitor is not None:
-            self.save(trainer, pl_module, ranked=True, refresh=refresh)
-        elif refresh or (self.save_on_train_end and trainer.should_stop and trainer.global_step > 0):
-            self.save(trainer, pl_module, ranked=False, refresh=refresh)
+        written = self._last_checkpoint_saved if fitting and self._last_global_step_saved == trainer.global_step else ""
+        if written:
+            self._last_global_step_saved = -1  # Lightning's own code may now save (and rank) the step again
+        super().on_validation_end(trainer, pl_module)
+        if written and self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, written)
+        if fitting and self.save_on_train_end and trainer.should_stop:
+            self._save_now(trainer, validated=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # fallback for ends the hooks above cannot see coming (e.g. max_epochs or max_time)
-        name = f"step={trainer.global_step:06d}"
-        if self.save_on_train_end and self._may_save(trainer) and trainer.global_step > 0 and self.last_name != name:
-            self.save(trainer, pl_module, ranked=False)
+        # an end the hooks above cannot see coming (max_epochs, max_time); this replaces ModelCheckpoint's fallback of a
+        # last checkpoint when none was saved, so save_on_train_end=False turns both off
+        if self.save_on_train_end:
+            self._save_now(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # Restore the generators right before the first step after a resume: whatever ran in between (setup,
         # validation, data loader creation) then cannot shift them, and dropout draws the same numbers it would have.
         if self._rng_to_restore is not None:
-            states = self._rng_to_restore
-            self._rng_to_restore = None
+            states, self._rng_to_restore = self._rng_to_restore, None
             rank = trainer.global_rank
             if len(states) != trainer.world_size:
                 rank_zero_warn(f"[ftframe] the checkpoint holds random states of {len(states)} process(es), this run has "
@@ -192,93 +167,95 @@ class AdapterCheckpoint(Checkpoint):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get(_RNG_KEY)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"dirpath": str(self.dirpath), "saved": dict(self.saved), "last_name": self.last_name}
+    def state_dict(self) -> dict[str, Any]:  # (a str dirpath: resume.ckpt loads with torch.load(weights_only=True))
+        return {**super().state_dict(), "dirpath": str(self.dirpath), "last_only": self._last_only}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("dirpath") != str(self.dirpath) or self.dirpath is None:
-            return  # checkpoints of another folder: start a fresh ranking here
-        self.saved = {k: v for k, v in state_dict.get("saved", {}).items() if (self._dir() / k).is_dir()}
-        self.last_name = state_dict.get("last_name")
+        folder = Path(state_dict["dirpath"]) if state_dict.get("dirpath") else self.dirpath
+        super().load_state_dict({**state_dict, "dirpath": folder})
+        if folder == self.dirpath:
+            self._last_only = state_dict.get("last_only", "")
 
-    # ------------------------------------------------------------------ saving
-    def save(self, trainer: Trainer, pl_module: LightningModule, ranked: bool, refresh: bool = False) -> Path:
-        """Write the checkpoint of the current step (collective: every rank calls it; rank 0 writes).
+    # ------------------------------------------------------------------ what a checkpoint is, how it is written
+    def _monitor_candidates(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        candidates = super()._monitor_candidates(trainer)
+        if self._at_step and self.ranked_by:  # a save is due at a training step: ModelCheckpoint asks for the metrics
+            # absent, so that ModelCheckpoint defers the save to the next validation rather than rank this step by an
+            # earlier validation's result
+            candidates.pop(self.monitor, None)
+            self._deferred = True
+        return candidates
 
-        A step already on disk is written again only with ``refresh``; otherwise only its score is recorded.
-        """
-        name = f"step={trainer.global_step:06d}"
-        final = self._dir() / name
-        score = self._score(trainer) if ranked else None
-        if ranked and score is None:
+    def _should_save_on_train_epoch_end(self, trainer: Trainer) -> bool:
+        # a deferred save is made after the validation, also where Lightning would otherwise wait for the epoch end
+        return not self._defer_save_until_validation and super()._should_save_on_train_epoch_end(trainer)
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self.monitor is not None and self.monitor not in monitor_candidates:  # a warning, not Lightning's error
             rank_zero_warn(f"[ftframe] AdapterCheckpoint: monitor {self.monitor!r} was not logged; logged metrics: "
-                           f"{sorted(trainer.callback_metrics)}. Saving without a score.")
-        if not refresh and name == self.last_name and final.is_dir():  # e.g. a step count and a validation
-            if score is not None:
-                self.saved[name] = score
-                if trainer.is_global_zero:  # the folder was written before validation: record the score and metrics
-                    meta_path = final / METADATA_FILE
-                    meta = json.loads(meta_path.read_text())
-                    meta.update(score=score, monitor=self.monitor, metrics=metadata(trainer, pl_module)["metrics"])
-                    meta_path.with_name(METADATA_FILE + ".tmp").write_text(json.dumps(meta, indent=2))
-                    os.replace(meta_path.with_name(METADATA_FILE + ".tmp"), meta_path)
-            self._prune(trainer)
-            return final
-        self._previous = self.last_name
-        self.saved[name] = score  # before writing: the state saved inside the checkpoint lists the checkpoint itself
-        self.last_name = name
-        tmp = self._dir() / f".tmp-{name}"
+                           f"{sorted(trainer.callback_metrics)}. This step is not ranked.")
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_now(self, trainer: Trainer, validated: bool = False) -> None:
+        """Save this step as ModelCheckpoint saves a due one: ranked (by a validation's result), or deferred + last."""
+        candidates = self._monitor_candidates(trainer)
+        if self._should_skip_saving_checkpoint(trainer) or self.last_model_path == self.format_checkpoint_name(candidates):
+            return  # (also: a resumed run that took no step)
+        if self.ranked_by and not validated:
+            self._defer_save_until_validation = True
+        else:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        """The last is the newest state's own folder: written unless the top-k just saved this step."""
+        if not self.save_last:
+            return
+        previous, self._last_only = self._last_only, ""
+        if self._last_global_step_saved != trainer.global_step:
+            self._last_only = self.format_checkpoint_name(monitor_candidates)
+            self._save_checkpoint(trainer, self._last_only)
+        if (previous and previous != self._last_only and previous not in self.best_k_models
+                and self._should_remove_checkpoint(trainer, previous, self.last_model_path)):
+            self._remove_checkpoint(trainer, previous)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        """Write the folder of ``filepath`` (``<dirpath>/step=N/resume.ckpt``). Collective; rank 0 writes."""
+        pl_module = trainer.lightning_module
+        final = Path(filepath).parent
+        tmp = final.with_name(f".tmp-{final.name}")
+        kept = (f"the last complete checkpoint, {Path(self.last_model_path).parent}, is intact" if self.last_model_path
+                else "no earlier checkpoint exists")
+        score = float(self.best_k_models[filepath]) if self.ranked_by and filepath in self.best_k_models else None
+        # before writing: the callback state saved inside the checkpoint names the checkpoint itself
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = self.last_model_path = filepath
         run_dir = log_dir(trainer)  # collective under DDP: every rank, before the rank-0 block
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("ftframe_checkpoint_mkdir")
-        kept = (f"the last complete checkpoint, {self._dir() / self._previous}, is intact" if self._previous
-                else "no earlier checkpoint exists")
         with writing(final, tmp, kept):
-            trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)  # collective: the strategy gathers what it shards; rank 0 writes
+            # collective: the strategy gathers what it shards; rank 0 writes
+            trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
         weights = gather_trained(trainer, pl_module)  # collective: whole tensors on rank 0 under FSDP / ZeRO-3
         if trainer.is_global_zero:
             with writing(final, tmp, kept):
-                write_trained(trainer, pl_module, tmp, run_dir, weights, resume=RESUME_FILE, monitor=self.monitor,
+                write_trained(trainer, pl_module, tmp, run_dir, weights, resume=RESUME_FILE, monitor=self.ranked_by,
                               score=score)
             replace_dir(tmp, final)
-            _point_link(self._dir() / LAST_LINK, name)
-        self._prune(trainer)
+            link = final.with_name(f".{LAST_LINK}.tmp")  # `last` -> this folder, swapped atomically before any older
+            link.unlink(missing_ok=True)                 # folder is deleted
+            os.symlink(final.name, link)
+            os.replace(link, final.with_name(LAST_LINK))
         trainer.strategy.barrier("ftframe_checkpoint_saved")
-        rank_zero_info(f"[ftframe] checkpoint {final}" + (f" ({self.monitor}={score:.4f})" if score is not None else ""))
-        return final
+        rank_zero_info(f"[ftframe] checkpoint {final}" + (f" ({self.ranked_by}={score:.4f})" if score is not None
+                                                          else ""))
 
-    def _prune(self, trainer: Trainer) -> None:
-        keep = set(self.saved) if self.save_top_k == -1 else set(self._best_names(self.save_top_k))
-        if self.save_last and self.last_name:
-            keep.add(self.last_name)
-        for name in [n for n in self.saved if n not in keep]:
-            del self.saved[name]
-            if trainer.is_global_zero:
-                shutil.rmtree(self._dir() / name, ignore_errors=True)
-
-    def _best_names(self, k: int) -> list[str]:
-        if k == 0:
-            return []
-        if self.monitor is None:  # the most recent k
-            return sorted(self.saved)[-k:] if k > 0 else sorted(self.saved)
-        scored = [(s, n) for n, s in self.saved.items() if s is not None]
-        scored.sort(key=lambda t: t[0], reverse=self.mode == "max")
-        return [n for _, n in scored[:k]] if k > 0 else [n for _, n in scored]
-
-    def _score(self, trainer: Trainer) -> float | None:
-        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-        return float(value) if value is not None else None
-
-    def _dir(self) -> Path:
-        if self.dirpath is None:
-            raise RuntimeError("AdapterCheckpoint.setup() has not run")
-        return self.dirpath
-
-    @staticmethod
-    def _may_save(trainer: Trainer) -> bool:
-        return not (trainer.sanity_checking or trainer.fast_dev_run)
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            shutil.rmtree(Path(filepath).parent, ignore_errors=True)
 
 
 def resolve_resume_path(path: str | Path) -> str:
@@ -294,21 +271,9 @@ def resolve_resume_path(path: str | Path) -> str:
         return str(p / RESUME_FILE)
     if (p / LAST_LINK / RESUME_FILE).exists():  # the checkpoints folder itself
         return str(p / LAST_LINK / RESUME_FILE)
-    hint = ""
-    meta = p / "ftframe.json"
-    if meta.is_file():
-        hint = (" It is a trained-adapter folder without training state (written by AdapterExport); pass a folder "
-                "written by AdapterCheckpoint, e.g. <log_dir>/checkpoints/last")
+    hint = (" It is a trained-adapter folder without training state (written by AdapterExport); pass a folder "
+            "written by AdapterCheckpoint, e.g. <log_dir>/checkpoints/last") if (p / "ftframe.json").is_file() else ""
     raise UserError(f"--ckpt_path {path}: folder has no {RESUME_FILE}.{hint}")
-
-
-def _point_link(link: Path, target: str) -> None:
-    """Make ``link`` a relative symlink to ``target``, replacing the old link atomically."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
 
 
 def _rng_states() -> dict[str, Any]:

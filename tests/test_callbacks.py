@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from safetensors.torch import load_file
 
 from ftframe.callbacks import AdapterCheckpoint, ForgettingMonitor
@@ -230,6 +230,72 @@ def test_top_k_by_monitored_metric(tiny_model, tiny_data, cache_dir, tmp_path):
     assert ckpt.best_model_path.endswith(f"{ranked[0][1]}/resume.ckpt")
     assert float(ckpt.best_model_score) == pytest.approx(min(s for s in scores.values() if s is not None))
     assert trainer.checkpoint_callback is ckpt
+
+
+class _ValLossAt(Callback):
+    """Record ``val/loss`` after every validation of ``fit``, by step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.at[trainer.global_step] = float(trainer.callback_metrics["val/loss"])
+
+
+class _LastAt(Callback):
+    """Record, as each step begins, where ``last`` points and which checkpoint folders exist."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.at: dict[int, tuple[str, list[str]]] = {}
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if (self.folder / "last").exists():
+            self.at[trainer.global_step] = ((self.folder / "last").resolve().name,
+                                            sorted(p.name for p in self.folder.glob("step=*")))
+
+
+def test_a_step_checkpoint_is_ranked_by_the_validation_of_its_own_step(tiny_model, tiny_data, cache_dir, tmp_path):
+    # ModelCheckpoint's top-k with every_n_train_steps: the save at a step that a validation follows waits for that
+    # validation, so no step is ranked (or evicts a better one) by the previous validation's loss
+    seed_everything(5)
+    losses = _ValLossAt()
+    ckpt = AdapterCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, monitor="val/loss", save_top_k=2)
+    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, learning_rate=0.05, lr_schedule="constant")
+    _fit(module, tiny_data, cache_dir, tmp_path, [losses, ckpt], max_steps=12, val_every=2, enable_checkpointing=True)
+    kept = {p.name: json.loads((p / "ftframe.json").read_text()) for p in (tmp_path / "ckpt").glob("step=*")}
+    best = sorted(losses.at, key=losses.at.get)[:2]
+    assert sorted(losses.at) == list(range(2, 13, 2))
+    assert set(kept) == {f"step={s:06d}" for s in best} | {"step=000012"}
+    for step in best:
+        meta = kept[f"step={step:06d}"]
+        assert meta["monitor"] == "val/loss" and meta["score"] == pytest.approx(losses.at[step])
+        assert meta["metrics"]["val/loss"] == pytest.approx(losses.at[step])  # written after its validation
+    assert ckpt.best_model_path.endswith(f"step={best[0]:06d}/resume.ckpt")
+    assert ckpt.saved.keys() == {f"step={s:06d}" for s in best}
+
+
+def test_between_validations_the_newest_step_is_kept_as_the_last(tiny_model, tiny_data, cache_dir, tmp_path):
+    # every step is due, validations come every 4: each step is on disk (and `last`) until the next one replaces it,
+    # and only the best validated step is kept besides it (save_top_k=1)
+    seed_everything(5)
+    folder = tmp_path / "ckpt"
+    losses, last = _ValLossAt(), _LastAt(folder)
+    ckpt = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=1, monitor="val/loss", save_top_k=1)
+    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, learning_rate=0.05, lr_schedule="constant")
+    _fit(module, tiny_data, cache_dir, tmp_path, [losses, last, ckpt], max_steps=10, val_every=4,
+         enable_checkpointing=True)
+    assert sorted(losses.at) == [4, 8]
+    assert sorted(last.at) == list(range(1, 10))
+    for step, (target, folders) in last.at.items():
+        assert target == f"step={step:06d}", (step, target)
+        best = [s for s in losses.at if s <= step]
+        best = min(best, key=losses.at.get) if best else None
+        assert folders == sorted({target} | ({f"step={best:06d}"} if best else set())), (step, folders)
+    best = min(losses.at, key=losses.at.get)
+    assert sorted(p.name for p in folder.glob("step=*")) == sorted({f"step={best:06d}", "step=000010"})
+    assert json.loads((folder / "step=000010" / "ftframe.json").read_text())["score"] is None  # not ranked
 
 
 def test_ckpt_path_accepts_folders_and_explains_export_folders(tmp_path):
