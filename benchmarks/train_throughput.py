@@ -51,7 +51,7 @@ LEVERS: dict[str, tuple[str, Any]] = {
     "chunked_loss": ("task.loss_chunk_size", None),
     "frozen_bf16": ("model.frozen_dtype", "float32"),
     "lean_activations": ("model.lean_activations", False),
-    "fused_adamw": ("model.fused_optimizer", False),
+    "fused_adamw": ("model.optimizer.fused", False),
     "huge_pages": ("env.THP_MEM_ALLOC_ENABLE", "0"),  # a process setting: see ftframe.PROCESS_DEFAULTS
 }
 
@@ -190,6 +190,7 @@ def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
 
     from ftframe.device import Trainer
     from ftframe.methods import LoRA
+    from ftframe.optim import OptimizerSettings
     from ftframe.tasks import CausalLM
 
     dm, order = job_examples(args)
@@ -214,8 +215,10 @@ def run_ftframe(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
             clock.losses.append((float(outputs["loss"]), n))
 
     # everything not named by --set is ftframe's default, precision included (auto: resolved from the device)
+    optim_opts = {k.split(".", 1)[1]: model_opts.pop(k) for k in list(model_opts) if k.startswith("optimizer.")}
     module = LoRA(model_name=args.model_name, task=CausalLM(**task_opts), r=16, alpha=32, dropout=0.0,
-                  learning_rate=args.lr, lr_schedule="constant", warmup_steps=0, **model_opts)
+                  optimizer=OptimizerSettings(learning_rate=args.lr, lr_schedule="constant", warmup_steps=0,
+                                              **optim_opts), **model_opts)
     pl.seed_everything(args.seed, verbose=False)
     trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
                       max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

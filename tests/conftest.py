@@ -9,10 +9,13 @@ import os
 
 import pytest
 
-# WORDS and real_assets_available are re-exported (``as``): modules that still import them from here keep working
-from tests.helpers import WORDS as WORDS
-from tests.helpers import arithmetic_records, build_tiny_model, classification_records, write_jsonl
-from tests.helpers import real_assets_available as real_assets_available
+from tests.helpers import (
+    WORDS,
+    arithmetic_records,
+    build_tiny_model,
+    classification_records,
+    write_jsonl,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # precision: auto resolves to 32-true in every test process (subprocesses inherit this), whatever the CPU: the suite
@@ -41,3 +44,14 @@ def cls_data(tmp_path_factory) -> str:
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "tok-cache")
+
+
+@pytest.fixture(scope="session")
+def even_data(tmp_path_factory) -> str:
+    """Arithmetic in words; every completion is 6 tokens of the tiny tokenizer (each number word is one token)."""
+    records = []
+    for i in range(48):
+        a, b = i % 10, (i * 7 + 3) % 10
+        records.append({"prompt": f"What is {WORDS[a]} plus {WORDS[b]}?",
+                        "completion": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[(a + b) % 10]}."})
+    return write_jsonl(tmp_path_factory.mktemp("even") / "even.jsonl", records)

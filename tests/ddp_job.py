@@ -33,6 +33,7 @@ from ftframe.callbacks import AdapterExport  # noqa: E402
 from ftframe.data import InstructionDataModule  # noqa: E402
 from ftframe.distributed import PROMPT_EMBEDDINGS, fsdp_auto_wrap_policy, gather_weights  # noqa: E402
 from ftframe.methods import variants  # noqa: E402
+from ftframe.optim import OptimizerSettings
 from ftframe.packing import unpack  # noqa: E402
 from tests.helpers import tiny_trainer  # noqa: E402
 
@@ -127,7 +128,7 @@ def main() -> None:
     for name in names:
         seed_everything(0)
         cls, variant = variants()[name]
-        module = cls(model_name=model, learning_rate=1e-2, **variant.options)
+        module = cls(model_name=model, optimizer=OptimizerSettings(learning_rate=1e-2), **variant.options)
         dm = InstructionDataModule(train_files=data, tokenizer=model, val_size=8, batch_size=int(batch),
                                    cache_dir=str(Path(out) / "cache"))
         recorder = StepLosses()

@@ -23,6 +23,7 @@ from ftframe.callbacks import AdapterCheckpoint, AdapterExport, ForgettingMonito
 from ftframe.callbacks.adapter_checkpoint import resolve_resume_path  # noqa: E402
 from ftframe.data import InstructionDataModule  # noqa: E402
 from ftframe.methods import LoRA  # noqa: E402
+from ftframe.optim import OptimizerSettings
 from tests.ddp_job import make_strategy  # noqa: E402
 from tests.helpers import tiny_trainer  # noqa: E402
 
@@ -31,7 +32,7 @@ def main() -> None:
     out, model, data, reference, probe, strategy, devices, batch, steps, *resume = sys.argv[1:]
     out_dir = Path(out)
     seed_everything(0)
-    module = LoRA(model_name=model, learning_rate=1e-2, r=4, dropout=0.0)
+    module = LoRA(model_name=model, optimizer=OptimizerSettings(learning_rate=1e-2), r=4, dropout=0.0)
     dm = InstructionDataModule(train_files=data, tokenizer=model, val_size=8, batch_size=int(batch),
                                cache_dir=str(out_dir / "cache"))
     callbacks = [AdapterCheckpoint(dirpath=str(out_dir / "checkpoints"), every_n_train_steps=2, monitor=None,

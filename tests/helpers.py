@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy: tests/conftest.py imports this mod
 
 #: the repository root (the folder holding pyproject.toml)
 ROOT = Path(__file__).resolve().parents[1]
+#: optimizer steps of the multi-process runs (tests/test_distributed.py, tests/test_gpu.py)
+DISTRIBUTED_STEPS = 4
 
 CHATML = (
     "{% for message in messages %}"
@@ -193,7 +195,7 @@ def fit_command(model, data, run_dir, *extra, steps=12):
     """``python -m ftframe fit`` (a subprocess command) of a seeded LoRA run on the CPU under ``run_dir``: a
     validation every 4 steps, an AdapterCheckpoint every 2, the adapter in ``run_dir / "adapter"``."""
     return [sys.executable, "-m", "ftframe", "fit", f"--model.model_name={model}", "--model.r=4",
-            "--model.dropout=0.1", "--model.learning_rate=0.005", f"--data.train_files={data}",
+            "--model.dropout=0.1", "--model.optimizer.learning_rate=0.005", f"--data.train_files={data}",
             f"--data.cache_dir={run_dir.parent / 'tok'}", "--data.val_size=8", "--data.batch_size=4",
             f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

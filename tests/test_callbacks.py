@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,9 @@ from ftframe.callbacks.adapter_checkpoint import resolve_resume_path
 from ftframe.data import InstructionDataModule
 from ftframe.errors import UserError
 from ftframe.methods import BottleneckAdapters, FullFineTune, LoRA
+from ftframe.optim import OptimizerSettings
+from tests.helpers import fit_command as _fit_cmd
+from tests.helpers import run_cli as _run
 from tests.helpers import tiny_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_harmful_lr_is_stopped_by_the_budget_and_gentle_lr_is_not(knowing_model,
     for name, lr in (("harmful", 0.05), ("gentle", 3e-4)):
         seed_everything(1)
         monitor = _monitor(reference_and_probe, max_ppl_increase=0.5, on_budget="stop")
-        module = LoRA(model_name=knowing_model, r=4, dropout=0.0, learning_rate=lr, lr_schedule="constant")
+        module = LoRA(model_name=knowing_model, r=4, dropout=0.0, optimizer=OptimizerSettings(learning_rate=lr, lr_schedule="constant"))
         trainer = _fit(module, tiny_data, cache_dir, tmp_path / name, [monitor], max_steps=24)
         results[name] = (trainer, monitor)
     harmful, monitor = results["harmful"]
@@ -138,7 +139,7 @@ def test_best_tradeoff_checkpoint_is_within_budget(knowing_model, tiny_data, cac
         monitor = _monitor(reference_and_probe, on_budget="warn", **budget)
         ckpt = AdapterCheckpoint(dirpath=str(tmp_path / name), monitor="forgetting/tradeoff", mode="min",
                                  save_top_k=1, save_last=False, save_on_train_end=False)
-        module = LoRA(model_name=knowing_model, r=4, dropout=0.0, learning_rate=1e-3, lr_schedule="constant")
+        module = LoRA(model_name=knowing_model, r=4, dropout=0.0, optimizer=OptimizerSettings(learning_rate=1e-3, lr_schedule="constant"))
         _fit(module, tiny_data, cache_dir, tmp_path / name, [monitor, ckpt], max_steps=24, enable_checkpointing=True)
         return monitor
 
@@ -164,7 +165,7 @@ def test_measuring_does_not_change_training(knowing_model, tiny_data, cache_dir,
     weights = []
     for name, callbacks in (("plain", []), ("monitored", [_monitor(reference_and_probe)])):
         seed_everything(6)
-        module = LoRA(model_name=knowing_model, r=4, dropout=0.1, learning_rate=3e-3)
+        module = LoRA(model_name=knowing_model, r=4, dropout=0.1, optimizer=OptimizerSettings(learning_rate=3e-3))
         _fit(module, tiny_data, cache_dir, tmp_path / name, callbacks, max_steps=9)
         weights.append(module.trainable_state_dict())
     assert weights[0].keys() == weights[1].keys()
@@ -218,7 +219,7 @@ def test_checkpoint_folders_load_in_peft_and_hold_resume_state(tiny_model, tiny_
 def test_top_k_by_monitored_metric(tiny_model, tiny_data, cache_dir, tmp_path):
     seed_everything(5)
     ckpt = AdapterCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/loss", save_top_k=2, save_last=True)
-    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, learning_rate=0.05, lr_schedule="constant")
+    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, optimizer=OptimizerSettings(learning_rate=0.05, lr_schedule="constant"))
     trainer = _fit(module, tiny_data, cache_dir, tmp_path, [ckpt], max_steps=12, val_every=2,
                    enable_checkpointing=True)
     scores = {}
@@ -262,7 +263,7 @@ def test_a_step_checkpoint_is_ranked_by_the_validation_of_its_own_step(tiny_mode
     seed_everything(5)
     losses = _ValLossAt()
     ckpt = AdapterCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, monitor="val/loss", save_top_k=2)
-    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, learning_rate=0.05, lr_schedule="constant")
+    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, optimizer=OptimizerSettings(learning_rate=0.05, lr_schedule="constant"))
     _fit(module, tiny_data, cache_dir, tmp_path, [losses, ckpt], max_steps=12, val_every=2, enable_checkpointing=True)
     kept = {p.name: json.loads((p / "ftframe.json").read_text()) for p in (tmp_path / "ckpt").glob("step=*")}
     best = sorted(losses.at, key=losses.at.get)[:2]
@@ -283,7 +284,7 @@ def test_between_validations_the_newest_step_is_kept_as_the_last(tiny_model, tin
     folder = tmp_path / "ckpt"
     losses, last = _ValLossAt(), _LastAt(folder)
     ckpt = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=1, monitor="val/loss", save_top_k=1)
-    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, learning_rate=0.05, lr_schedule="constant")
+    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, optimizer=OptimizerSettings(learning_rate=0.05, lr_schedule="constant"))
     _fit(module, tiny_data, cache_dir, tmp_path, [losses, last, ckpt], max_steps=10, val_every=4,
          enable_checkpointing=True)
     assert sorted(losses.at) == [4, 8]
@@ -341,21 +342,6 @@ def test_checkpoint_options_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------- crashes (subprocess)
-def _fit_cmd(model, data, run_dir, *extra, steps=12):
-    return [sys.executable, "-m", "ftframe", "fit", f"--model.model_name={model}", "--model.r=4",
-            "--model.dropout=0.1", "--model.learning_rate=0.005", f"--data.train_files={data}",
-            f"--data.cache_dir={run_dir.parent / 'tok'}", "--data.val_size=8", "--data.batch_size=4",
-            f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={run_dir}", "--trainer.val_check_interval=4",
-            "--trainer.check_val_every_n_epoch=null", "--seed_everything=11", f"--adapter.dirpath={run_dir / 'adapter'}",
-            "--trainer.callbacks+=ftframe.callbacks.AdapterCheckpoint", "--trainer.callbacks.every_n_train_steps=2",
-            *extra]
-
-
-def _run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
-
 
 def _monitor_args(reference_and_probe):
     ref, probe = reference_and_probe
@@ -418,7 +404,7 @@ def test_ddp_two_processes_checkpoint_once_agree_on_stopping_and_resume_in_one(k
                                                                                  reference_and_probe):
     run = tmp_path / "ddp"
     cmd = [*_fit_cmd(knowing_model, tiny_data, run, steps=20), "--trainer.devices=2", "--trainer.strategy=ddp",
-           "--model.learning_rate=0.05", "--trainer.val_check_interval=2", *_monitor_args(reference_and_probe),
+           "--model.optimizer.learning_rate=0.05", "--trainer.val_check_interval=2", *_monitor_args(reference_and_probe),
            "--trainer.callbacks.max_ppl_increase=0.5", "--trainer.callbacks.on_budget=stop",
            "--trainer.callbacks+=tests.probes.RankRecord", f"--trainer.callbacks.folder={run / 'ranks'}"]
     at = cmd.index("--trainer.callbacks.every_n_train_steps=2")  # options apply to the callback added last

@@ -27,6 +27,7 @@ from ftframe.methods import (
     QLoRA,
 )
 from ftframe.models import load_model
+from ftframe.optim import OptimizerSettings
 from ftframe.tasks import SequenceClassification
 from tests.helpers import (
     CLASSIFICATION_WORDS,
@@ -121,7 +122,7 @@ def test_every_method_trains_the_head_and_its_artifact_reproduces_logits(name, t
     cls, kwargs, reload = METHODS[name]
     data = _data(tiny_model, cls_data)
     seed_everything(0)
-    module = cls(model_name=tiny_model, task=SequenceClassification(), learning_rate=1e-2, **kwargs)
+    module = cls(model_name=tiny_model, task=SequenceClassification(), optimizer=OptimizerSettings(learning_rate=1e-2), **kwargs)
     trainer = tiny_trainer(tmp_path, max_steps=3)
     trainer.fit(module, datamodule=data)
     head = module.task.head(module.model)
@@ -136,7 +137,7 @@ def test_every_method_trains_the_head_and_its_artifact_reproduces_logits(name, t
 def test_lora_learns_the_cue_word_and_logs_every_metric(tiny_model, cls_data, tmp_path):
     data = _data(tiny_model, cls_data)
     seed_everything(0)
-    module = LoRA(model_name=tiny_model, task=SequenceClassification(), learning_rate=5e-3, r=8, dropout=0.0)
+    module = LoRA(model_name=tiny_model, task=SequenceClassification(), optimizer=OptimizerSettings(learning_rate=5e-3), r=8, dropout=0.0)
     trainer = tiny_trainer(tmp_path, max_steps=60, limit_val_batches=None, val_check_interval=None,
                            check_val_every_n_epoch=3)
     trainer.fit(module, datamodule=data)
@@ -198,7 +199,7 @@ def test_encoder_classifier_trains_and_reloads(name, tiny_encoder, cls_data, tmp
     data = _data(tiny_encoder, cls_data)
     seed_everything(0)
     lr = 3e-2 if name == "PromptTuning" else 5e-3
-    module = cls(model_name=tiny_encoder, task=SequenceClassification(), learning_rate=lr, **kwargs)
+    module = cls(model_name=tiny_encoder, task=SequenceClassification(), optimizer=OptimizerSettings(learning_rate=lr), **kwargs)
     trainer = tiny_trainer(tmp_path, max_steps=30, limit_val_batches=None)
     trainer.fit(module, datamodule=data)
     if name != "PromptTuning":  # (virtual tokens learn too slowly on a random tiny encoder to check this)
@@ -243,7 +244,7 @@ def test_cli_links_labels_from_the_data_and_test_writes_the_error_analysis(tiny_
     assert cli.model.task.labels == ["mid", "neg", "pos"]  # from the data, never typed
     ckpt = ["--trainer.callbacks+=AdapterCheckpoint", f"--trainer.callbacks.dirpath={run / 'ckpt'}",
             "--trainer.callbacks.every_n_train_steps=20"]
-    main(["fit", *common, "--model.learning_rate=0.005", "--trainer.max_steps=20", *ckpt,
+    main(["fit", *common, "--model.optimizer.learning_rate=0.005", "--trainer.max_steps=20", *ckpt,
           f"--adapter.dirpath={run / 'adapter'}"])
     meta = json.loads((run / "adapter" / "ftframe.json").read_text())
     assert meta["task"]["labels"] == ["mid", "neg", "pos"] and "val/accuracy" in meta["metrics"]

@@ -92,8 +92,8 @@ def test_help_documents_every_knob():
     for knob in ["--model CONFIG", "--data CONFIG", "--adapter.dirpath", "--validate_before_fit", "--trainer.max_steps"]:
         assert knob in out, knob
     out = _run(["fit", "--model.help", "ftframe.methods.LoRA"]).stdout
-    for knob in ["--model.r", "--model.alpha", "--model.target_modules", "--model.learning_rate",
-                 "--model.lr_schedule", "Rank of the update matrices"]:
+    for knob in ["--model.r", "--model.alpha", "--model.target_modules", "--model.optimizer.learning_rate",
+                 "--model.optimizer.lr_schedule", "Rank of the update matrices"]:
         assert knob in out, knob
     out = _run(["fit", "--data.help", "ftframe.data.InstructionDataModule"]).stdout
     for knob in ["--data.train_files", "--data.max_length", "--data.truncation", "--data.template"]:

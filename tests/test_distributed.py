@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 
 from ftframe.artifacts import read_trained
 from ftframe.methods import variants
-from tests.conftest import WORDS
+from tests.helpers import DISTRIBUTED_STEPS, WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the methods with a row in the compatibility matrix (ftframe.methods.Variant.matrix)
 NAMES = list(variants(matrix=True))
-STEPS = 4
+STEPS = DISTRIBUTED_STEPS
 PRECISIONS = ["32-true", "bf16-mixed"]
 #: how close 2 x 2 examples stay to 1 x 4 after 4 steps: float32 sums in another order; bf16 autocast rounds them
 LOSS_TOLERANCE = {"32-true": 1e-4, "bf16-mixed": 2e-2}
@@ -40,19 +40,6 @@ FSDP_QUANTIZED_FROM_BF16_LOGIT_TOLERANCE = 0.5
 FSDP_LOGIT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-1}
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def even_data(tmp_path_factory) -> str:
-    """Arithmetic in words; every completion is 6 tokens of the tiny tokenizer (each number word is one token)."""
-    records = []
-    for i in range(48):
-        a, b = i % 10, (i * 7 + 3) % 10
-        records.append({"prompt": f"What is {WORDS[a]} plus {WORDS[b]}?",
-                        "completion": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[(a + b) % 10]}."})
-    path = tmp_path_factory.mktemp("even") / "even.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

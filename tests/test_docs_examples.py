@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ftframe.optim import OptimizerSettings
 from tests.helpers import ROOT, tiny_instruction_data, tiny_trainer
 
 PAGE = ROOT / "docs" / "extending" / "new_method.md"
@@ -16,7 +17,7 @@ def test_new_method_page_code_trains_and_saves_adapters(tiny_model, tiny_data, t
     assert len(blocks) >= 2
     namespace: dict = {}
     exec(compile("\n".join(blocks), str(PAGE), "exec"), namespace)  # noqa: S102 - our own docs page
-    method = namespace["MyBottleneck"](model_name=tiny_model, size=4, learning_rate=1e-2)
+    method = namespace["MyBottleneck"](model_name=tiny_model, size=4, optimizer=OptimizerSettings(learning_rate=1e-2))
     method.configure_model()
     trainable = {n for n, p in method.model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter_" in n for n in trainable)

@@ -323,7 +323,7 @@ def test_output_inside_a_model_folder_checks_the_gguf_tokenizer(tiny_model, tmp_
 
 
 #: a learning rate far above a real run's, so 3 steps move the adapter well away from its (identity) start
-FAST = ("--model.learning_rate=0.05", "--model.warmup_steps=0")
+FAST = ("--model.optimizer.learning_rate=0.05", "--model.optimizer.warmup_steps=0")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import torch
 
 from ftframe.artifacts import read_trained
 from ftframe.methods import variants
-from tests.test_distributed import STEPS, even_data  # noqa: F401  (the fixture)
+from tests.helpers import DISTRIBUTED_STEPS as STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("LoRA", "fsdp"), ("QLoRA", "fsdp"), ("FullFineTune", "fsdp"), ("LoRA", "deepspeed_zero2"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import real_assets_available
+from tests.helpers import real_assets_available
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,7 +21,7 @@ from tests.helpers import (
 )
 
 #: a learning rate far above a real run's, so 3 steps move the adapter well away from its (identity) start
-FAST = ("--model.learning_rate=0.05", "--model.warmup_steps=0")
+FAST = ("--model.optimizer.learning_rate=0.05", "--model.optimizer.warmup_steps=0")
 
 
 def _train(tiny_model, tiny_data, tmp_path, method, *extra, steps=3):
@@ -348,7 +348,7 @@ def test_merge_on_the_default_model(tmp_path):
     """A LoRA adapter on SmolLM2-135M-Instruct (GGUF asset) merges into a folder transformers loads on its own."""
     adapter = tmp_path / "adapter"
     main(tiny_fit_args("smollm2-135m-instruct", "gsm8k", tmp_path, adapter, "--data.max_train_examples=16",
-                       "--data.max_length=128", "--model.learning_rate=0.01", "--model.warmup_steps=0", steps=2))
+                       "--data.max_length=128", "--model.optimizer.learning_rate=0.01", "--model.optimizer.warmup_steps=0", steps=2))
     out = tmp_path / "merged"
     report = merge(adapter=str(adapter), output=str(out))
     assert report["written_logits"]["max_abs_diff"] < 1e-3 and report["written_logits"]["top1_agreement"] == 1.0
@@ -378,7 +378,7 @@ def test_classifier_adapter_merges_with_its_head(tiny_model, cls_data, tmp_path)
     from transformers import AutoModelForSequenceClassification
 
     adapter = tmp_path / "adapter"
-    main(["fit", *classification_cli_args(tiny_model, cls_data, tmp_path), "--model.learning_rate=0.05",
+    main(["fit", *classification_cli_args(tiny_model, cls_data, tmp_path), "--model.optimizer.learning_rate=0.05",
           "--trainer.max_steps=3", "--trainer.enable_checkpointing=false", f"--adapter.dirpath={adapter}"])
     out = tmp_path / "merged"
     report = merge(adapter=str(adapter), output=str(out), prompts=["the film was great", "a dull plot"])

@@ -43,8 +43,9 @@ class NormOnly(FineTuneModule):
 YAML = """model:
   class_path: ftframe_plugin_methods.norm_only.NormOnly
   init_args:
-    learning_rate: 1.0e-2
-    lr_schedule: constant
+    optimizer:
+      learning_rate: 1.0e-2
+      lr_schedule: constant
 """
 
 

@@ -12,6 +12,7 @@ from ftframe.artifacts import read_trained, write_trained
 from ftframe.data import InstructionDataModule
 from ftframe.methods import METHODS, LastLayers, LoRA, PrefixTuning, PromptTuning, PTuning, QLoRA, variants
 from ftframe.models import load_model
+from ftframe.optim import OptimizerSettings
 from ftframe.packing import unpack
 from tests.helpers import tiny_trainer
 
@@ -34,7 +35,7 @@ def method(method_name):
 
 def _build(method, tiny_model, tiny_data, cache_dir, tmp_path, max_steps=2):
     cls, variant = method
-    module = cls(model_name=tiny_model, learning_rate=1e-2, **variant.options)
+    module = cls(model_name=tiny_model, optimizer=OptimizerSettings(learning_rate=1e-2), **variant.options)
     data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
                                  cache_dir=cache_dir)
     trainer = tiny_trainer(tmp_path, max_steps=max_steps)
@@ -118,7 +119,7 @@ def test_fast_dev_run_through_cli(name, tiny_model, tiny_data, tmp_path):
 
 
 def test_gradual_unfreezing_trains_one_more_block_every_n_steps(tiny_model, tiny_data, cache_dir, tmp_path):
-    module = LastLayers(model_name=tiny_model, num_layers=0, unfreeze_every=2, learning_rate=1e-2)
+    module = LastLayers(model_name=tiny_model, num_layers=0, unfreeze_every=2, optimizer=OptimizerSettings(learning_rate=1e-2))
     data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=0, batch_size=4,
                                  cache_dir=cache_dir)
     module.configure_model()

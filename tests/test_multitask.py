@@ -11,6 +11,7 @@ from ftframe.data import ClassificationDataModule, InstructionDataModule, Multit
 from ftframe.data.multitask import WeightedMixture
 from ftframe.errors import UserError
 from ftframe.methods import LoRA
+from ftframe.optim import OptimizerSettings
 from ftframe.tasks import SequenceClassification
 from tests.helpers import tiny_trainer, write_jsonl
 
@@ -58,7 +59,7 @@ def test_classification_members_share_one_label_space_and_report_per_data_set(ti
 
     seen = Seen()
     seed_everything(0)
-    module = LoRA(model_name=tiny_model, task=SequenceClassification(), r=4, learning_rate=5e-3)
+    module = LoRA(model_name=tiny_model, task=SequenceClassification(), r=4, optimizer=OptimizerSettings(learning_rate=5e-3))
     trainer = tiny_trainer(tmp_path, max_steps=24, limit_val_batches=None, callbacks=[seen])
     trainer.fit(module, datamodule=data)
     assert module.task.labels == ["fresh", "rotten", "ham", "spam"] and module.model.config.num_labels == 4

@@ -8,12 +8,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ftframe.data import InstructionDataModule
 from ftframe.methods import LoRA
+from ftframe.optim import OptimizerSettings
 from tests.helpers import tiny_trainer
 
 
 def _run(tiny_model, tiny_data, cache_dir, tmp_path, max_steps, ckpt_path=None, callbacks=()):
     seed_everything(7)
-    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, learning_rate=5e-3, warmup_steps=2)
+    module = LoRA(model_name=tiny_model, r=4, dropout=0.0, optimizer=OptimizerSettings(learning_rate=5e-3, warmup_steps=2))
     # 40 training examples / batch 4 = 10 batches per epoch; stopping at step 3 is mid-epoch
     data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, val_size=8, batch_size=4,
                                  cache_dir=cache_dir)

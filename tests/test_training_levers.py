@@ -12,6 +12,7 @@ from ftframe.data.collate import LengthGroupedSampler, PackCollator, PadCollator
 from ftframe.efficiency import cast_frozen_linear, lean_activations
 from ftframe.losses import linear_cross_entropy
 from ftframe.methods import LoRA
+from ftframe.optim import OptimizerSettings
 from ftframe.packing import enable_varlen_attention, packing_mode, unpack
 from ftframe.tasks import CausalLM
 from tests.helpers import tiny_trainer
@@ -318,7 +319,7 @@ def test_fused_lora_matches_peft_outside_autocast_and_steps_aside_otherwise(tiny
 def test_fused_adamw_takes_the_same_step(tiny_model, tiny_data, cache_dir, tmp_path):
     params = {}
     for fused in (False, True):
-        module = LoRA(model_name=tiny_model, r=4, dropout=0.0, fused_optimizer=fused, learning_rate=1e-2)
+        module = LoRA(model_name=tiny_model, r=4, dropout=0.0, optimizer=OptimizerSettings(fused=fused, learning_rate=1e-2))
         data = InstructionDataModule(train_files=tiny_data, tokenizer=tiny_model, cache_dir=cache_dir, val_size=0,
                                      batch_size=4)
         torch.manual_seed(0)
@@ -337,7 +338,7 @@ def test_every_lever_is_a_typed_cli_option(tiny_model, tiny_data, tmp_path):
                "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
                "--trainer.precision=bf16-mixed", f"--adapter.dirpath={tmp_path / 'a'}",
                "--data.packing=false", "--data.group_by_length=true", "--model.frozen_dtype=bfloat16",
-               "--model.lean_activations=false", "--model.fused_optimizer=false", "--model.compile=false",
+               "--model.lean_activations=false", "--model.optimizer.fused=false", "--model.compile=false",
                "--model.task=ftframe.tasks.CausalLM", "--model.task.loss_chunk_size=8"])
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     with pytest.raises(SystemExit):

@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_METHODS", "ComparisonProbe", "compare"]
 #: base (LoRA with zero steps: its B factors start at zero), then every method variant that names a comparison
 #: (:attr:`ftframe.methods.Variant.compare`).
 DEFAULT_METHODS: dict[str, str] = {
-    "base (no training)": "lora --trainer.max_steps=0 --model.lr_schedule=constant",
+    "base (no training)": "lora --trainer.max_steps=0 --model.optimizer.lr_schedule=constant",
     **{v.compare[0]: v.compare[1] for _, v in variants().values() if v.compare is not None},
 }
 
@@ -188,7 +188,7 @@ def _learning_rate(config: Path) -> float | None:
     if not config.is_file():
         return None
     model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-    value = (model.get("init_args") or {}).get("learning_rate")
+    value = ((model.get("init_args") or {}).get("optimizer") or {}).get("learning_rate")
     return float(value) if value is not None else None
 
 

@@ -43,7 +43,7 @@ CASES = [
     ("unknown-method", "d.jsonl", _jsonl([GOOD] * 8), ["--model=LoRB"],
      r"--model 'LoRB' is not a FineTuneModule subclass\. ftframe's: \["),
     ("bad-batch-size", "d.jsonl", _jsonl([GOOD] * 8), ["--data.batch_size=0"], r"batch_size must be >= 1, got 0"),
-    ("bad-learning-rate", "d.jsonl", _jsonl([GOOD] * 8), ["--model.learning_rate=0"], r"learning_rate must be > 0"),
+    ("bad-learning-rate", "d.jsonl", _jsonl([GOOD] * 8), ["--model.optimizer.learning_rate=0"], r"learning_rate must be > 0"),
     ("missing-model", "d.jsonl", _jsonl([GOOD] * 8), ["--model.model_name=no/such/dir/model"],
      r"model path 'no/such/dir/model' does not exist"),
     ("fsdp-on-cpu", "d.jsonl", _jsonl([GOOD] * 8), ["--trainer.strategy=fsdp"],

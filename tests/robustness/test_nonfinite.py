@@ -11,6 +11,7 @@ import torch
 from ftframe.callbacks import AdapterCheckpoint, NonFiniteGuard
 from ftframe.errors import UserError
 from ftframe.methods import LoRA
+from ftframe.optim import OptimizerSettings
 from tests.helpers import fit_command, run_cli, tiny_instruction_data, tiny_trainer
 from tests.probes import InfGradientAt, NaNLossTask, WeightsPerStep
 
@@ -18,7 +19,7 @@ from tests.probes import InfGradientAt, NaNLossTask, WeightsPerStep
 def _fit(tiny_model, tiny_data, tmp_path, steps=4, callbacks=(), checkpointing=False, max_nonfinite_steps=10,
          **module_kwargs):
     """Train LoRA with the NonFiniteGuard (which ``ftframe fit`` adds to every run): (module, weights, guard)."""
-    module = LoRA(model_name=tiny_model, learning_rate=1e-2, **module_kwargs)
+    module = LoRA(model_name=tiny_model, optimizer=OptimizerSettings(learning_rate=1e-2), **module_kwargs)
     data = tiny_instruction_data(tiny_model, tiny_data, tmp_path)
     record, guard = WeightsPerStep(), NonFiniteGuard(max_nonfinite_steps=max_nonfinite_steps)
     trainer = tiny_trainer(tmp_path, max_steps=steps, callbacks=[guard, record, *callbacks],
