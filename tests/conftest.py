@@ -55,3 +55,29 @@ def even_data(tmp_path_factory) -> str:
         records.append({"prompt": f"What is {WORDS[a]} plus {WORDS[b]}?",
                         "completion": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[(a + b) % 10]}."})
     return write_jsonl(tmp_path_factory.mktemp("even") / "even.jsonl", records)
+
+
+@pytest.fixture
+def compare_config(tiny_model, tiny_data, tmp_path) -> str:
+    """An `ftframe compare` base config on the tiny model and data (LoRA, constant learning rate)."""
+    path = tmp_path / "base.yaml"
+    path.write_text(f"""seed_everything: 0
+trainer:
+  accelerator: cpu
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+model:
+  class_path: ftframe.methods.LoRA
+  init_args:
+    model_name: {tiny_model}
+    optimizer:
+      lr_schedule: constant
+data:
+  class_path: ftframe.data.InstructionDataModule
+  init_args:
+    train_files: {tiny_data}
+    val_size: 8
+    batch_size: 4
+    cache_dir: {tmp_path / 'cache'}
+""")
+    return str(path)

@@ -25,35 +25,10 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.fixture
-def base_config(tiny_model, tiny_data, tmp_path) -> str:
-    path = tmp_path / "base.yaml"
-    path.write_text(f"""seed_everything: 0
-trainer:
-  accelerator: cpu
-  enable_progress_bar: false
-  num_sanity_val_steps: 0
-model:
-  class_path: ftframe.methods.LoRA
-  init_args:
-    model_name: {tiny_model}
-    optimizer:
-      lr_schedule: constant
-data:
-  class_path: ftframe.data.InstructionDataModule
-  init_args:
-    train_files: {tiny_data}
-    val_size: 8
-    batch_size: 4
-    cache_dir: {tmp_path / 'cache'}
-""")
-    return str(path)
-
-
-def test_compare_runs_each_method_with_the_same_budget(base_config, tmp_path, capsys):
+def test_compare_runs_each_method_with_the_same_budget(compare_config, tmp_path, capsys):
     out = tmp_path / "cmp"
     methods = {"base": "lora --trainer.max_steps=0", "lora": "lora --model.r=2", "ia3": "ia3"}
-    rows = compare(base_config, methods=methods, steps=2, output=str(out), metric_examples=4, max_new_tokens=4,
+    rows = compare(compare_config, methods=methods, steps=2, output=str(out), metric_examples=4, max_new_tokens=4,
                    configs_dir=str(ROOT / "configs"))
     assert [r["method"] for r in rows] == ["base", "lora", "ia3"]
     base, lora, ia3 = rows
@@ -89,13 +64,13 @@ def test_compare_runs_each_method_with_the_same_budget(base_config, tmp_path, ca
     assert (out / "results.png").stat().st_size > 10_000
     # resumable: finished methods are skipped, the table is rebuilt from their results
     capsys.readouterr()
-    again = compare(base_config, methods=methods, steps=2, output=str(out), metric_examples=4, max_new_tokens=4,
+    again = compare(compare_config, methods=methods, steps=2, output=str(out), metric_examples=4, max_new_tokens=4,
                     configs_dir=str(ROOT / "configs"))
     assert capsys.readouterr().out.count("results exist") == 3 and again == rows
 
 
-def test_compare_checks_every_method_before_running_any(base_config, tmp_path):
+def test_compare_checks_every_method_before_running_any(compare_config, tmp_path):
     with pytest.raises(UserError, match=r"method 'mine': .*nope\.yaml does not exist; method YAMLs: \[.*'lora'"):
-        compare(base_config, methods={"lora": "lora", "mine": "nope"}, output=str(tmp_path / "cmp"),
+        compare(compare_config, methods={"lora": "lora", "mine": "nope"}, output=str(tmp_path / "cmp"),
                 configs_dir=str(ROOT / "configs"))
     assert not (tmp_path / "cmp" / "lora").exists()

@@ -87,28 +87,10 @@ def test_a_plugin_method_passes_the_contract_tests_unedited(plugin_env, tmp_path
     assert "5 passed" in summary and "failed" not in summary, summary
 
 
-def test_a_plugin_method_runs_through_compare_merge_and_generate(plugin_env, tiny_model, tiny_data, tmp_path):
-    base = tmp_path / "base.yaml"
-    base.write_text(f"""seed_everything: 0
-trainer:
-  accelerator: cpu
-  enable_progress_bar: false
-  num_sanity_val_steps: 0
-model:
-  class_path: ftframe.methods.LoRA
-  init_args:
-    model_name: {tiny_model}
-data:
-  class_path: ftframe.data.InstructionDataModule
-  init_args:
-    train_files: {tiny_data}
-    val_size: 8
-    batch_size: 4
-    cache_dir: {tmp_path / 'cache'}
-""")
+def test_a_plugin_method_runs_through_compare_merge_and_generate(plugin_env, compare_config, tmp_path):
     ftframe = [sys.executable, "-m", "ftframe"]
     out = tmp_path / "cmp"
-    _run([*ftframe, "compare", "--fit_config", str(base), "--only", "norm_only", "--steps", "2", "--output", str(out),
+    _run([*ftframe, "compare", "--fit_config", compare_config, "--only", "norm_only", "--steps", "2", "--output", str(out),
           "--metric_examples", "2", "--max_new_tokens", "2", "--configs_dir", str(ROOT / "configs")], plugin_env)
     rows = json.loads((out / "results.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
