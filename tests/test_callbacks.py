@@ -110,12 +110,12 @@ def test_harmful_lr_is_stopped_by_the_budget_and_gentle_lr_is_not(knowing_model,
     (LoRA, {"r": 4, "dropout": 0.0}, "adapters_off"),
     (BottleneckAdapters, {"size": 8}, "adapters_off"),
     (LoRA, {"r": 4, "dropout": 0.0, "init": "pissa"}, "initial_weights"),
-    (FullFineTune, {"learning_rate": 3e-4}, "initial_weights"),
+    (FullFineTune, {"optimizer": OptimizerSettings(learning_rate=3e-4, lr_schedule="constant")}, "initial_weights"),
 ], ids=["lora", "bottleneck", "pissa", "full"])
 def test_kl_is_zero_before_training_and_grows(method, kwargs, kl, knowing_model, tiny_data, cache_dir, tmp_path,
                                               reference_and_probe):
     seed_everything(2)
-    kwargs = {"learning_rate": 3e-3, "lr_schedule": "constant", **kwargs}
+    kwargs = {"optimizer": OptimizerSettings(learning_rate=3e-3, lr_schedule="constant"), **kwargs}
     # full fine-tuning copies the whole model for KL only when asked: kl: initial_weights
     monitor = _monitor(reference_and_probe, probe=None, kl="initial_weights" if method is FullFineTune else "auto")
     _fit(method(model_name=knowing_model, **kwargs), tiny_data, cache_dir, tmp_path, [monitor], max_steps=9)
