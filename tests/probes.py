@@ -121,3 +121,15 @@ class UnsupervisedBatchAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step + 1 == self.step:
             batch["labels"].fill_(-100)
+
+
+class KillAtBatch(Callback):
+    """SIGKILL this process after micro-batch ``batch`` of the run (0-based, counted over epochs), e.g. halfway
+    through the micro-batches that gradient accumulation gathers into one optimizer step."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
