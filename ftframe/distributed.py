@@ -219,6 +219,13 @@ def any_rank(trainer: Any, device: torch.device, *flags: bool) -> Any:
     return flags[0] if len(flags) == 1 else flags
 
 
+def sum_over_ranks(trainer: Any, value: torch.Tensor) -> torch.Tensor:
+    """``value`` added up over all processes (itself in a single process). Collective."""
+    if trainer is not None and trainer.world_size > 1:
+        return trainer.strategy.reduce(value.clone(), reduce_op="sum")
+    return value
+
+
 def gather_objects(trainer: Any, mine: list[Any]) -> list[Any]:
     """Every process's list concatenated in rank order (``mine`` alone in a single process). Collective."""
     if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ATTENTION", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward", "packing_mode",
-    "token_lengths", "unpack", "varlen_attention", "varlen_kwargs",
+    "ATTENTION", "STEP_TOKENS", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward",
+    "packing_mode", "supervised_tokens", "token_lengths", "unpack", "varlen_attention", "varlen_kwargs",
 ]
 
 ATTENTION = "ftframe_varlen"
@@ -40,6 +40,21 @@ def batch_examples(batch: dict[str, Any]) -> int:
     if is_packed(batch):
         return len(batch["cu_seq_lens"]) - 1
     return int(batch["input_ids"].shape[0])
+
+
+#: batch key of the supervised-token count of all micro-batches of this process that form one optimizer step
+#: (``ftframe.data.collate.StepWindows`` sets it; the training step adds the other processes' counts)
+STEP_TOKENS = "step_tokens"
+
+
+def supervised_tokens(batch: dict[str, Any]) -> torch.Tensor | None:
+    """Tokens with a target in a causal-LM batch (labels other than ``-100``, after the one-token shift), or ``None``
+    for a batch without per-token labels (classification). A packed batch has ``-100`` on every example's first token,
+    so it counts what the same examples padded count."""
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return None
+    return (labels[:, 1:] != -100).sum()
 
 
 def is_packed(batch: dict[str, Any]) -> bool:

@@ -29,6 +29,10 @@ class Task:
     """
 
     peft_task_type: str = ""
+    #: Whether :meth:`loss`'s weight counts tokens, so that an optimizer step's loss is the mean over every token of
+    #: all its micro-batches and processes (docs/distributed.md, "One step, one token mean"); otherwise each
+    #: micro-batch's mean weighs the same (classification: batches of examples).
+    token_weighted: bool = False
     #: Whether :meth:`head` is freshly initialized (so it must train whatever the method freezes).
     new_head: bool = False
 
@@ -93,6 +97,7 @@ class CausalLM(Task):
     """
 
     peft_task_type = "CAUSAL_LM"
+    token_weighted = True
 
     def __init__(self, label_smoothing: float = 0.0, max_new_tokens: int = 256,
                  loss_chunk_size: int | None = 256) -> None:

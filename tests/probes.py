@@ -131,5 +131,5 @@ class KillAtBatch(Callback):
         self.batch = batch
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.fit_loop.total_batch_idx == self.batch:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ftframe.errors import UserError
+from ftframe.packing import STEP_TOKENS, supervised_tokens
 
-__all__ = ["LengthGroupedSampler", "PackCollator", "PadCollator", "PromptCollator", "ResumableSampler", "TokenDataset",
+__all__ = ["LengthGroupedSampler", "PackCollator", "PadCollator", "PromptCollator", "ResumableSampler", "StepWindows",
+           "TokenDataset",
            "linked_tokenizer", "pad_right"]
 
 
@@ -240,3 +243,56 @@ def shard_for(sampler: ResumableSampler, trainer: Any) -> Sampler[int]:
     if world <= 1:
         return sampler
     return RankShard(sampler, num_replicas=world, rank=int(trainer.global_rank))
+
+
+class StepWindows:
+    """A training loader whose batches say how many supervised tokens their optimizer step holds.
+
+    Reads the batches of one optimizer step (``accumulate`` micro-batches, fewer at the end of an epoch, as Lightning
+    steps on the last batch) ahead, and adds to each the supervised-token count of them all (``batch["step_tokens"]``,
+    this process's share; the training step adds the other processes'). The loss of the step is then the mean over
+    all its supervised tokens, whatever the split into micro-batches and processes (docs/distributed.md, "One step, one
+    token mean"). Batches without per-token labels pass through unchanged. ``sampler`` / ``batch_sampler`` are the
+    wrapped loader's, so Lightning still sets the sampler's epoch.
+    """
+
+    def __init__(self, loader: Iterable[Any], accumulate: int = 1,
+                 count: Callable[[Any], torch.Tensor | None] = supervised_tokens) -> None:
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.loader = loader
+        self.accumulate = int(accumulate)
+        self.count = count
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    @property
+    def sampler(self) -> Any:
+        return getattr(self.loader, "sampler", None)
+
+    @property
+    def batch_sampler(self) -> Any:
+        return getattr(self.loader, "batch_sampler", None)
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = iter(self.loader)
+        while window := list(islice(batches, self.accumulate)):
+            counts = [self.count(b) for b in window]
+            if any(c is None for c in counts):
+                yield from window
+                continue
+            total = torch.stack([c.reshape(()) for c in counts]).sum()
+            for batch in window:
+                batch[STEP_TOKENS] = total.clone()
+                yield batch
+
+
+def unwrap_windows(loader: Any) -> Any:
+    """The loader inside a :class:`StepWindows` (for a mixture that regroups its members' batches), else ``loader``."""
+    return loader.loader if isinstance(loader, StepWindows) else loader
+
+
+def accumulation_of(trainer: Any) -> int:
+    """The trainer's ``accumulate_grad_batches`` (1 without a trainer)."""
+    return int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1

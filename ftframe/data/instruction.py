@@ -24,7 +24,9 @@ from ftframe.data.collate import (
     PadCollator,
     PromptCollator,
     ResumableSampler,
+    StepWindows,
     TokenDataset,
+    accumulation_of,
     linked_tokenizer,
     shard_for,
     world_size_of,
@@ -205,7 +207,7 @@ class InstructionDataModule(LightningDataModule):
                            f"responses do not end with a supervised {'/'.join(report['terminators']) or 'EOS'}: the model may "
                            "not learn to stop. Check the template (template: chat_template uses the tokenizer's)")
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepWindows:
         assert self.train_dataset is not None, "setup() has not run"
         if self.group_by_length and not self.packing:
             lengths = [len(x) for x in self.train_dataset.input_ids]
@@ -215,9 +217,10 @@ class InstructionDataModule(LightningDataModule):
         if self._resume is not None:
             self._sampler.resume_from(self._resume["epoch"], self._resume["examples"])
             self._resume = None
-        return DataLoader(self.train_dataset, batch_size=self.batch_size,
-                          sampler=shard_for(self._sampler, self.trainer),  # under DDP: this rank's slice of the order
-                          collate_fn=self._collator(), num_workers=self.num_workers, generator=self._generator())
+        loader = DataLoader(self.train_dataset, batch_size=self.batch_size,
+                            sampler=shard_for(self._sampler, self.trainer),  # under DDP: this rank's slice of the order
+                            collate_fn=self._collator(), num_workers=self.num_workers, generator=self._generator())
+        return StepWindows(loader, accumulation_of(self.trainer))  # each step's loss: a mean over all its tokens
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_dataset is not None, "setup() has not run"

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from ftframe.data.collate import StepWindows, accumulation_of, unwrap_windows
 from ftframe.errors import UserError
 
 __all__ = ["MultitaskDataModule", "WeightedMixture"]
@@ -153,8 +154,9 @@ class MultitaskDataModule(LightningDataModule):
             dm.trainer = self.trainer
             dm.setup(stage)
 
-    def train_dataloader(self) -> WeightedMixture:
-        loaders = {name: dm.train_dataloader() for name, dm in self.members.items()}
+    def train_dataloader(self) -> StepWindows:
+        # the members' own batches, regrouped into optimizer steps after mixing
+        loaders = {name: unwrap_windows(dm.train_dataloader()) for name, dm in self.members.items()}
         length = self.steps_per_epoch or sum(len(loader) for loader in loaders.values())
         self._mixture = WeightedMixture(loaders, self.weights, length, self.seed)
         if self._resume is not None:
@@ -163,7 +165,7 @@ class MultitaskDataModule(LightningDataModule):
         shares = ", ".join(f"{n} {100 * p:.1f}%" for n, p in zip(self._mixture.names, self._mixture.probs.tolist(),
                                                                     strict=True))
         rank_zero_info(f"[ftframe] multitask: {length} training batches per epoch drawn from {shares}")
-        return self._mixture
+        return StepWindows(self._mixture, accumulation_of(self.trainer))
 
     def val_dataloader(self) -> list[Any]:
         return [dm.val_dataloader() for dm in self.members.values()]

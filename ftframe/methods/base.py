@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, final
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ftframe import distributed as dist
 from ftframe import models
@@ -23,7 +23,7 @@ from ftframe.errors import UserError
 from ftframe.methods.variant import Variant
 from ftframe.metrics import StageMetrics
 from ftframe.optim import OptimizerSettings, configure_adamw
-from ftframe.packing import batch_examples, enable_varlen_attention
+from ftframe.packing import STEP_TOKENS, batch_examples, enable_varlen_attention
 from ftframe.tasks import CausalLM, Task
 
 __all__ = ["DEFAULT_MODEL", "FineTuneModule", "Variant"]
@@ -242,11 +242,45 @@ class FineTuneModule(LightningModule):
     @final
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, self.step_tokens = self.task.loss(self.model, batch)  # (NonFiniteGuard checks both)
+        step_loss = loss
+        if self.task.token_weighted:
+            loss, step_loss = self._token_mean(loss, batch)
         if bool(torch.isfinite(loss)):
             bs = batch_examples(batch)
-            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+            if step_loss is not None:
+                self.log("train/loss", step_loss, prog_bar=True, batch_size=bs)
             self.log("train/tokens", self.step_tokens.float(), reduce_fx="sum", batch_size=bs)
+        else:
+            self._step_loss = None
         return loss
+
+    def _token_mean(self, loss: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What to back-propagate so that the optimizer step's gradient is that of the mean loss over every supervised
+        token of its micro-batches on all processes, and (on the step's last micro-batch) that mean, else ``None``.
+
+        Lightning divides the returned loss by ``accumulate_grad_batches`` and DDP / FSDP average gradients over the
+        processes; this micro-batch's share ``sum of its token losses / tokens of the whole step`` is multiplied by both
+        to undo that (docs/distributed.md, "One step, one token mean")."""
+        trainer = self._trainer
+        world = int(trainer.world_size) if trainer is not None else 1
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        local = batch.get(STEP_TOKENS) if isinstance(batch, dict) else None
+        if local is None:  # a data module without StepWindows: exact over processes, not over accumulated batches
+            if accumulate > 1 and not getattr(self, "_warned_windows", False):
+                self._warned_windows = True
+                rank_zero_warn("[ftframe] the training batches carry no step token count (wrap the train loader in "
+                               "ftframe.data.collate.StepWindows): the micro-batches of an accumulated step weigh "
+                               "equally instead of by their supervised tokens")
+            local, accumulate = self.step_tokens, 1
+        step_tokens = dist.sum_over_ranks(trainer, local.to(loss.device, torch.float32))
+        share = loss * self.step_tokens / step_tokens.clamp(min=1)
+        done = getattr(self, "_step_loss", None)
+        self._step_loss = share.detach() if done is None else done + share.detach()
+        stepping = trainer is None or not trainer.fit_loop._should_accumulate()
+        step_loss = None
+        if stepping:
+            step_loss, self._step_loss = dist.sum_over_ranks(trainer, self._step_loss), None
+        return share * (accumulate * world), step_loss
 
     # fresh state in the current grad mode (one made under ``trainer.validate``'s inference mode cannot be updated)
     def on_validation_epoch_start(self) -> None:
