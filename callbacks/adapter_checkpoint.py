@@ -208,6 +208,15 @@ class AdapterCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
+    def save_stopping_state(self, trainer: Trainer) -> str | None:
+        """Write the current step now, unranked (a run stopped by a signal; collective), unless it is written already.
+        Returns the folder holding that step, or ``None`` when this callback keeps no ``last``."""
+        if not self.save_last:
+            return None
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return str(Path(self.last_model_path).parent) if self.last_model_path else None
+
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         """The last is the newest state's own folder: written unless the top-k just saved this step."""
         if not self.save_last:

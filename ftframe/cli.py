@@ -36,6 +36,7 @@ from ftframe.callbacks import (
     NonFiniteGuard,
 )
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
+from ftframe.callbacks.graceful_stop import Preempted
 from ftframe.device import Trainer, is_rank_zero, plan_for
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -549,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
             _check_class_choice(argv, "--data", _DataModule, ftframe.data)
             _check_option_names(argv)
             FTFrameCLI(args=None if from_sys else argv)
+    except Preempted:  # GracefulStop: the step is checkpointed and the resume command printed
+        sys.exit(0)
     except UserError as e:
         if debug:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from lightning.pytorch import Callback
@@ -24,15 +25,31 @@ class KillAt(Callback):
 
 
 class SignalAt(Callback):
-    """Send this process the signal ``name`` (e.g. SIGTERM) as step ``step + 1`` starts, like a scheduler's pre-emption."""
+    """Send this process the signal ``name`` (e.g. SIGTERM) ``times`` times as step ``step + 1`` starts (``during:
+    validation``: at the first validation batch after step ``step``), like a scheduler's pre-emption; only on rank
+    ``rank`` if given. ``stamp``: a file to write the time of sending to (``time.time()``), to measure the exit."""
 
-    def __init__(self, step: int, name: str = "SIGTERM") -> None:
-        self.step = step
-        self.name = name
+    def __init__(self, step: int, name: str = "SIGTERM", times: int = 1, during: str = "step",
+                 rank: int | None = None, stamp: str | None = None) -> None:
+        self.step, self.name, self.times, self.during, self.rank, self.stamp = step, name, times, during, rank, stamp
+        self._sent = False
+
+    def _send(self, trainer) -> None:
+        if self._sent or trainer.global_step != self.step or (self.rank is not None and trainer.global_rank != self.rank):
+            return
+        self._sent = True
+        if self.stamp:
+            Path(self.stamp).write_text(repr(time.time()))
+        for _ in range(self.times):
+            os.kill(os.getpid(), getattr(signal, self.name))
 
     def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), getattr(signal, self.name))
+        if self.during == "step":
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if self.during == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._send(trainer)
 
 
 class KillDuringSave(Callback):
