@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ftframe.artifacts import check_writable, gather_trained, log_dir, replace_dir, write_trained, writing
+from ftframe.callbacks.graceful_stop import uninterrupted
 from ftframe.errors import UserError
 
 __all__ = ["AdapterCheckpoint", "resolve_resume_path"]
@@ -230,7 +231,12 @@ class AdapterCheckpoint(ModelCheckpoint):
             self._remove_checkpoint(trainer, previous)
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        """Write the folder of ``filepath`` (``<dirpath>/step=N/resume.ckpt``). Collective; rank 0 writes."""
+        """Write the folder of ``filepath`` (``<dirpath>/step=N/resume.ckpt``). Collective; rank 0 writes. A signal's
+        grace period does not abandon it (``GracefulStop``): stopping would mean writing it again."""
+        with uninterrupted():
+            self._write_checkpoint(trainer, filepath)
+
+    def _write_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         pl_module = trainer.lightning_module
         final = Path(filepath).parent
         tmp = final.with_name(f".tmp-{final.name}")

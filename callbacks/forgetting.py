@@ -38,6 +38,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ftframe.artifacts import log_dir
+from ftframe.callbacks.graceful_stop import stop_requested
 from ftframe.distributed import RootForward, shards_parameters
 from ftframe.errors import UserError
 
@@ -228,15 +229,19 @@ class ForgettingMonitor(Callback):
             self.initial_weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         if self.baseline is None:
             self.baseline = self._measure(trainer, pl_module, "baseline")
-            self._record(trainer, dict(self.baseline), task=None)
+            if self.baseline is not None:
+                self._record(trainer, dict(self.baseline), task=None)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking or self.baseline is None:
             return
-        self.validations += 1
-        if self.validations % self.every_n_validations:
+        if (self.validations + 1) % self.every_n_validations:
+            self.validations += 1
             return
         metrics = self._measure(trainer, pl_module, f"step {trainer.global_step}")
+        if metrics is None:  # a signal stopped training: this validation is measured again after resuming
+            return
+        self.validations += 1
         task = trainer.callback_metrics.get(self.task_metric)
         self._record(trainer, metrics, task=float(task) if task is not None else None)
 
@@ -246,7 +251,8 @@ class ForgettingMonitor(Callback):
         if self.history and self.history[-1]["step"] == trainer.global_step:
             return
         metrics = self._measure(trainer, pl_module, "end of training")
-        self._record(trainer, metrics, task=None)
+        if metrics is not None:
+            self._record(trainer, metrics, task=None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "history": self.history, "validations": self.validations,
@@ -260,7 +266,8 @@ class ForgettingMonitor(Callback):
 
     # ------------------------------------------------------------------ measuring
     @torch.no_grad()
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, when: str) -> dict[str, float]:
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, when: str) -> dict[str, float] | None:
+        """The forgetting metrics now, or ``None`` when a signal (``GracefulStop``) cut the measurement short."""
         from ftframe.evaluation.common import scoring_mode
 
         model = pl_module.model  # the bare model: DDP's wrapper is not involved in these forward passes
@@ -279,7 +286,9 @@ class ForgettingMonitor(Callback):
                        + f" and {len(self._questions)} probe questions")
         out: dict[str, float] = {}
         device = next(model.parameters()).device
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # nll, tokens, kl, correct, questions
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # nll, tokens, kl, correct, questions, cut short
+        # a signal ends the measurement early; passes that gather weights collectively (FSDP / ZeRO-3) run to the end
+        may_stop = not shards_parameters(trainer)
         if self._windows:
             from ftframe.evaluation.perplexity import pad_windows
             from ftframe.tasks import virtual_tokens
@@ -289,6 +298,9 @@ class ForgettingMonitor(Callback):
             mine = self._windows[rank::world]
             with scoring_mode(model) as device:
                 for i in range(0, len(mine), self.batch_size):
+                    if may_stop and stop_requested():
+                        sums[5] = 1
+                        break
                     chunk = mine[i : i + self.batch_size]
                     ids, mask = pad_windows(chunk, pad)
                     ids, mask = ids.to(device), mask.to(device)
@@ -311,7 +323,9 @@ class ForgettingMonitor(Callback):
             from ftframe.evaluation import score_multiple_choice
 
             mine_q = self._questions[rank::world]
-            if mine_q:
+            if may_stop and stop_requested():
+                sums[5] = 1
+            elif mine_q:
                 result = score_multiple_choice(run, tokenizer, mine_q, prompt_format=self.probe_format,
                                                batch_size=max(self.batch_size, 4), overflow="truncate",
                                                progress=False)
@@ -320,6 +334,10 @@ class ForgettingMonitor(Callback):
                 sums[4] += len(result.records)
         if world > 1:
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        if float(sums[5]) > 0:
+            rank_zero_info(f"[ftframe] forgetting ({when}): stopped by a signal after "
+                           f"{time.perf_counter() - start:.1f}s; not recorded")
+            return None
         if self._windows:
             nll = float(sums[0] / sums[1])
             out["ref_nll"] = nll

@@ -241,9 +241,10 @@ class FTFrameCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
-        if not any(isinstance(cb, GracefulStop) for cb in self.trainer.callbacks):
-            # first: it must ask to stop before AdapterCheckpoint (ordered last) decides what to save after a step
-            self.trainer.callbacks.insert(0, GracefulStop())
+        # first (the configuration's own, or a default one): it must ask to stop before AdapterCheckpoint (ordered
+        # last) decides what to save after a step, and before other callbacks start end-of-training work
+        stops = [cb for cb in self.trainer.callbacks if isinstance(cb, GracefulStop)] or [GracefulStop()]
+        self.trainer.callbacks[:] = [*stops, *(cb for cb in self.trainer.callbacks if cb not in stops)]
         if not any(isinstance(cb, NonFiniteGuard) for cb in self.trainer.callbacks):
             self.trainer.callbacks.insert(0, NonFiniteGuard())  # inf / NaN steps skipped, too many stop training
         self._val_before = None

@@ -233,8 +233,15 @@ def inference_dtype(requested: str = "auto", device: str = "cpu") -> str:
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0 and \
-        int(os.environ.get("NODE_RANK", "0") or 0) == 0
+    """Whether this is the run's first process, from the launchers' variables (before Lightning's strategy is set up):
+    torchrun's global ``RANK``; SLURM's ``SLURM_PROCID`` for a job of several tasks; else Lightning's own launcher's
+    ``LOCAL_RANK`` and ``NODE_RANK`` (``GROUP_RANK``: torchrun's node rank)."""
+    env = os.environ
+    if env.get("RANK"):
+        return int(env["RANK"]) == 0
+    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return int(env["SLURM_PROCID"]) == 0
+    return all(int(env.get(name) or 0) == 0 for name in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
 
 
 # ------------------------------------------------------------------------------------------------------ the Trainer

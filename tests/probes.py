@@ -25,14 +25,19 @@ class KillAt(Callback):
 
 
 class SignalAt(Callback):
-    """Send this process the signal ``name`` (e.g. SIGTERM) ``times`` times as step ``step + 1`` starts (``during:
-    validation``: at the first validation batch after step ``step``), like a scheduler's pre-emption; only on rank
-    ``rank`` if given. ``stamp``: a file to write the time of sending to (``time.time()``), to measure the exit."""
+    """Send this process the signal ``name`` (e.g. SIGTERM) ``times`` times, once, like a scheduler's pre-emption:
+    ``during: step``: as step ``step + 1`` starts; ``validation``: at the first validation batch after step ``step``;
+    ``checkpoint``: while the checkpoint of step ``step`` is written (inside ``save_trained``); ``forgetting``: during
+    the first forward pass of the forgetting measurement after step ``step``. Only on rank ``rank`` if given.
+    ``stamp``: a file to write the time of sending to (``time.time()``), to measure the exit; while it exists nothing
+    is sent (the resumed run, whose config.yaml lists this callback too, is not signalled again)."""
 
     def __init__(self, step: int, name: str = "SIGTERM", times: int = 1, during: str = "step",
                  rank: int | None = None, stamp: str | None = None) -> None:
+        if during not in ("step", "validation", "checkpoint", "forgetting"):
+            raise ValueError(f"SignalAt: unknown during={during!r}")
         self.step, self.name, self.times, self.during, self.rank, self.stamp = step, name, times, during, rank, stamp
-        self._sent = False
+        self._sent = bool(stamp) and Path(stamp).exists()
 
     def _send(self, trainer) -> None:
         if self._sent or trainer.global_step != self.step or (self.rank is not None and trainer.global_rank != self.rank):
@@ -43,6 +48,36 @@ class SignalAt(Callback):
         for _ in range(self.times):
             os.kill(os.getpid(), getattr(signal, self.name))
 
+    def setup(self, trainer, pl_module, stage) -> None:
+        if stage != "fit":
+            return
+        if self.during == "checkpoint":
+            original = pl_module.save_trained
+
+            def save_trained(directory):
+                if trainer.state.fn == "fit":
+                    self._send(trainer)
+                return original(directory)
+
+            pl_module.save_trained = save_trained
+        if self.during == "forgetting":
+            from ftframe.callbacks import ForgettingMonitor
+
+            monitor = next(cb for cb in trainer.callbacks if isinstance(cb, ForgettingMonitor))
+            measure = monitor._measure
+
+            def measured(trainer_, module, when):
+                hook = None
+                if when != "baseline" and trainer_.global_step == self.step:
+                    hook = module.model.register_forward_hook(lambda *_: self._send(trainer_))
+                try:
+                    return measure(trainer_, module, when)
+                finally:
+                    if hook is not None:
+                        hook.remove()
+
+            monitor._measure = measured
+
     def on_train_batch_start(self, trainer, *args) -> None:
         if self.during == "step":
             self._send(trainer)
@@ -50,6 +85,27 @@ class SignalAt(Callback):
     def on_validation_batch_start(self, trainer, *args) -> None:
         if self.during == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._send(trainer)
+
+
+class SlowStepAt(Callback):
+    """Make step ``step + 1`` hang for ``seconds`` in the backward pass of its micro-batch ``micro`` (0-based), once
+    (``marker``: a file created then; while it exists the step is not slowed, so the resumed run is not)."""
+
+    def __init__(self, step: int, seconds: float = 600.0, micro: int = 0, marker: str | None = None) -> None:
+        self.step, self.seconds, self.micro, self.marker = step, seconds, micro, marker
+        self._micro = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._micro = batch_idx % trainer.accumulate_grad_batches
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step != self.step or self._micro != self.micro:
+            return
+        if self.marker:
+            if Path(self.marker).exists():
+                return
+            Path(self.marker).write_text(repr(time.time()))
+        time.sleep(self.seconds)
 
 
 class KillDuringSave(Callback):

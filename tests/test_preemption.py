@@ -54,27 +54,77 @@ def uninterrupted(tiny_model, tiny_data, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("during", ["step", "validation"])
+def _forgetting_args(folder):
+    reference = folder / "reference.txt"
+    reference.write_text(" ".join(f"The river number {i} runs past the old mill and the quiet town." for i in range(40)))
+    return ["--trainer.callbacks+=ftframe.callbacks.ForgettingMonitor", f"--trainer.callbacks.reference={reference}",
+            "--trainer.callbacks.reference_windows=3", "--trainer.callbacks.window_tokens=32",
+            "--trainer.callbacks.probe=null"]
+
+
+# where the signal lands -> the step whose checkpoint is resumed: a step in flight finishes; a validation, a
+# forgetting measurement and the rest of the step-4 checkpoint's write are not waited for beyond what they need
+_STOPPED_AFTER = {"validation": 4, "checkpoint": 4, "forgetting": 4}
+
+
+@pytest.mark.parametrize("during", ["step", "validation", "checkpoint", "forgetting"])
 def test_sigterm_stops_in_seconds_with_a_checkpoint_and_resumes_bit_identically(during, tiny_model, tiny_data,
                                                                                 tmp_path, uninterrupted):
-    # validation runs after steps 4 and 8 (fit_command); a step signal arrives as step `step + 1` starts
+    # validation (and the forgetting measurement) runs after steps 4 and 8 (fit_command), checkpoints every 2 steps;
+    # a step signal arrives as step `step + 1` starts
     step = random.Random().randrange(2, STEPS - 1) if during == "step" else 4
     run = tmp_path / "run"
-    proc, waited = _signalled(tiny_model, tiny_data, run, step, f"--trainer.callbacks.during={during}")
+    extra = _forgetting_args(tmp_path) if during == "forgetting" else []
+    proc, waited = _signalled(tiny_model, tiny_data, run, step, f"--trainer.callbacks.during={during}", *extra)
     out = proc.stdout + proc.stderr
-    print(f"SIGTERM {'during step ' + str(step + 1) if during == 'step' else 'in the validation after step 4'}: "
-          f"exit {proc.returncode} {waited:.1f}s after the signal")
+    where = {"step": f"during step {step + 1}", "validation": "in the validation after step 4",
+             "checkpoint": "while the step-4 checkpoint is written",
+             "forgetting": "in the forgetting measurement after step 4"}[during]
+    print(f"SIGTERM {where}: exit {proc.returncode} {waited:.1f}s after the signal")
     assert proc.returncode == 0, (step, out[-3000:])
     assert waited is not None and waited < EXIT_WITHIN_S, waited
-    stopped = step + 1 if during == "step" else step  # the step in flight finishes; a validation is abandoned
+    stopped = _STOPPED_AFTER.get(during, step + 1)
     assert f"stopped by SIGTERM after step {stopped}" in out, out[-3000:]
     last = (run / "checkpoints" / "last").resolve()
     assert last.name == f"step={stopped:06d}", last
     assert not (run / "adapter").exists()  # no export after the signal
     assert "validation after training" not in out
+    if during == "forgetting":
+        assert "forgetting (step 4): stopped by a signal" in out, out[-3000:]
     resumed = run_cli(_resume_command(proc))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_adapters(uninterrupted / "adapter", run / "adapter")
+
+
+def test_a_step_that_outlasts_the_grace_period_is_abandoned_and_the_last_finished_step_resumes(
+        tiny_model, tiny_data, tmp_path):
+    # accumulation 2 x batch 2: step 4 hangs in its second micro-batch, after the first was consumed -- the checkpoint
+    # must rewind the data position, the loops and the random generators to the end of step 3
+    accumulate = ["--trainer.accumulate_grad_batches=2", "--data.batch_size=2"]
+    full = tmp_path / "full"
+    proc = run_cli(fit_command(tiny_model, tiny_data, full, *accumulate, steps=STEPS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    grace = 2.0
+    proc, waited = _signalled(tiny_model, tiny_data, run, 3, *accumulate,
+                              "--trainer.callbacks+=tests.probes.SlowStepAt", "--trainer.callbacks.step=3",
+                              "--trainer.callbacks.micro=1", f"--trainer.callbacks.marker={run / 'slowed'}",
+                              "--trainer.callbacks+=ftframe.callbacks.GracefulStop",
+                              f"--trainer.callbacks.grace_s={grace}")
+    out = proc.stdout + proc.stderr
+    print(f"SIGTERM during step 4, which hangs (grace_s={grace}): exit {proc.returncode} {waited:.1f}s after the signal")
+    assert proc.returncode == 0, out[-3000:]
+    assert grace <= waited < grace + 10, waited
+    assert "did not finish within grace_s=2.0s" in out and "stopped by SIGTERM after step 3" in out, out[-3000:]
+    assert (run / "slowed").is_file()  # the hang was reached: step 4 was in its second micro-batch
+    last = (run / "checkpoints" / "last").resolve()
+    assert last.name == "step=000003", last
+    ckpt = torch.load(last / "resume.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert not (run / "adapter").exists()
+    resumed = run_cli(_resume_command(proc))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_adapters(full / "adapter", run / "adapter")
 
 
 @pytest.mark.distributed

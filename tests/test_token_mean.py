@@ -108,6 +108,9 @@ def test_the_logged_loss_is_the_mean_over_every_supervised_token_of_the_step(run
                 counts.append(int(keep.sum()))
         token_mean = sum(sums) / sum(counts)
         assert step["loss"] == pytest.approx(token_mean, rel=REL)
+        for split in SPLITS:  # train/tokens: the whole step's, however it is split over micro-batches and processes
+            first = json.loads((runs[split] / f"{Path(data).stem}-padded" / "steps.json").read_text())[0]
+            assert first["tokens"] == sum(counts), (split, first["tokens"], sum(counts))
         assert max(counts) > 2 * min(counts), counts  # the step's examples really differ in length
         example_mean = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(counts)
         assert abs(example_mean - token_mean) > 1e-3 * token_mean  # so weighing examples equally would differ

@@ -5,7 +5,7 @@
 Trains LoRA (no dropout) for ``STEPS`` optimizer steps on each JSONL file ``DATA`` -- padded and packed -- with
 ``DEVICES`` CPU processes of ``BATCH`` examples, ``ACCUMULATE`` micro-batches per step, in float32. Writes from rank 0,
 for each data file and packing mode, ``OUT/<data stem>-<padded|packed>/``: ``steps.json`` (per optimizer step: the
-logged ``train/loss`` and the positions of its examples in the training split, gathered from every rank) and
+logged ``train/loss`` and ``train/tokens`` and the positions of its examples in the training split, gathered from every rank) and
 ``grads.safetensors`` (the trainable parameters' gradients at every optimizer step, as the optimizer sees them:
 ``<step>.<name>``).
 """
@@ -54,7 +54,8 @@ class Record(Callback):
             every: list = [None] * trainer.world_size
             dist.all_gather_object(every, ids)
             ids = [i for rank in every for i in rank]
-        self.steps.append({"loss": float(trainer.callback_metrics["train/loss"]), "ids": sorted(ids)})
+        self.steps.append({"loss": float(trainer.callback_metrics["train/loss"]),
+                           "tokens": float(trainer.callback_metrics["train/tokens"]), "ids": sorted(ids)})
         self._ids = []
 
 

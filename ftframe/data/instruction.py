@@ -423,7 +423,9 @@ class InstructionDataModule(LightningDataModule):
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
+    from ftframe.device import is_rank_zero
+
+    return is_rank_zero()
 
 
 def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:

@@ -242,21 +242,24 @@ class FineTuneModule(LightningModule):
     @final
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, self.step_tokens = self.task.loss(self.model, batch)  # (NonFiniteGuard checks both)
-        step_loss = loss
+        step_loss, tokens = loss, self.step_tokens.float()
         if self.task.token_weighted:
-            loss, step_loss = self._token_mean(loss, batch)
+            loss, step_loss, tokens = self._token_mean(loss, batch)
         if bool(torch.isfinite(loss)):
             bs = batch_examples(batch)
             if step_loss is not None:
                 self.log("train/loss", step_loss, prog_bar=True, batch_size=bs)
-            self.log("train/tokens", self.step_tokens.float(), reduce_fx="sum", batch_size=bs)
+            if tokens is not None:  # the optimizer step's supervised tokens, on all processes
+                self.log("train/tokens", tokens, reduce_fx="sum", batch_size=bs)
         else:
             self._step_loss = None
         return loss
 
-    def _token_mean(self, loss: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _token_mean(self, loss: torch.Tensor, batch: dict[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What to back-propagate so that the optimizer step's gradient is that of the mean loss over every supervised
-        token of its micro-batches on all processes, and (on the step's last micro-batch) that mean, else ``None``.
+        token of its micro-batches on all processes, and (on the step's last micro-batch) that mean and that token
+        count, else ``None`` twice.
 
         Lightning divides the returned loss by ``accumulate_grad_batches`` and DDP / FSDP average gradients over the
         processes; this micro-batch's share ``sum of its token losses / tokens of the whole step`` is multiplied by both
@@ -280,7 +283,7 @@ class FineTuneModule(LightningModule):
         step_loss = None
         if stepping:
             step_loss, self._step_loss = dist.sum_over_ranks(trainer, self._step_loss), None
-        return share * (accumulate * world), step_loss
+        return share * (accumulate * world), step_loss, step_tokens if stepping else None
 
     # fresh state in the current grad mode (one made under ``trainer.validate``'s inference mode cannot be updated)
     def on_validation_epoch_start(self) -> None:
