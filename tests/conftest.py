@@ -14,6 +14,7 @@ from tests.helpers import (
     arithmetic_records,
     build_tiny_model,
     classification_records,
+    preference_records,
     write_jsonl,
 )
 
@@ -39,6 +40,12 @@ def tiny_data(tmp_path_factory) -> str:
 def cls_data(tmp_path_factory) -> str:
     """96 three-class review records (tests.helpers.classification_records) as JSONL."""
     return write_jsonl(tmp_path_factory.mktemp("cls") / "reviews.jsonl", classification_records())
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory) -> str:
+    """48 arithmetic preference pairs (tests.helpers.preference_records) as JSONL: text and chat-message records."""
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", preference_records())
 
 
 @pytest.fixture

@@ -53,6 +53,24 @@ def arithmetic_records(n: int = 48) -> list[dict[str, str]]:
     return recs
 
 
+def preference_records(n: int = 48) -> list[dict[str, Any]]:
+    """``n`` pairs: an arithmetic prompt, the right answer as chosen and a wrong one as rejected; the lengths differ
+    within and across pairs (one rejected answer in three rambles), and every fourth record uses chat messages."""
+    recs = []
+    for i, rec in enumerate(arithmetic_records(n)):
+        a, b = i % 10, (i * 7) % 10
+        wrong = f"{WORDS[a]} plus {WORDS[b]} is {a + b + 1}. #### {a + b + 1}"
+        if i % 3 == 0:
+            wrong = f"Let me think. {WORDS[a]} and then {WORDS[b]}, so maybe {a + b + 2}. #### {a + b + 2}"
+        pair: dict[str, Any] = {"prompt": rec["prompt"], "chosen": rec["completion"], "rejected": wrong}
+        if i % 4 == 3:
+            pair = {"prompt": [{"role": "user", "content": rec["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": rec["completion"]}],
+                    "rejected": [{"role": "assistant", "content": wrong}]}
+        recs.append(pair)
+    return recs
+
+
 def classification_records(n: int = 96) -> list[dict[str, str]]:
     """Three classes told apart by one word; the rest is shared filler."""
     words = CLASSIFICATION_WORDS

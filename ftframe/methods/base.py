@@ -6,7 +6,9 @@ checkpoints, saving and loading the trained weights -- so that a method is a han
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, final
@@ -43,7 +45,8 @@ class FineTuneModule(LightningModule):
       unsuitable base from its config, before its weights load;
     * :meth:`save_trained` and its counterparts :meth:`load_trained` / :meth:`load_base` / :meth:`merge_trained` --
       what is written as the trained artifact and how every command loads (or merges) it again;
-    * :meth:`disable_adapters` -- the untuned base without a second copy (the forgetting monitor's reference).
+    * :meth:`disable_adapters` -- the untuned base without a second copy (the forgetting monitor's reference);
+      :meth:`reference_context` -- the model as training started (the ``Preference`` task's reference).
 
     Trainable parameters are whatever has ``requires_grad`` after :meth:`adapt`; checkpoints hold only those (plus
     optimizer and loop state), never the frozen base. Non-finite steps are skipped by the ``NonFiniteGuard`` callback.
@@ -62,6 +65,10 @@ class FineTuneModule(LightningModule):
         neftune_alpha: NEFTune noise ``alpha / sqrt(length x hidden)`` on the input embeddings while training (Jain et
             al., 2023, https://arxiv.org/abs/2310.05914); ``null`` disables. Papers use 5-15.
         compile: ``torch.compile`` each transformer block (the first steps are slower while it compiles).
+        init_adapter: A saved adapter folder (``ftframe fit``'s ``adapter/``, or any peft adapter of the same method
+            and settings) whose weights this run starts from, e.g. preference tuning after instruction tuning. With the
+            ``Preference`` task it also stays loaded, frozen, as the reference (an adapter's worth of memory, not a
+            model's).
     """
 
     #: Frozen weights are used only in matmuls, so ``frozen_dtype: auto`` may store them in the autocast dtype (not
@@ -86,6 +93,7 @@ class FineTuneModule(LightningModule):
         lean_activations: bool = True,
         neftune_alpha: float | None = None,
         compile: bool = False,
+        init_adapter: str | None = None,
     ) -> None:
         super().__init__()
         self.optimizer = replace(optimizer)  # (a copy: the default instance is shared)
@@ -101,6 +109,8 @@ class FineTuneModule(LightningModule):
         if neftune_alpha is not None and neftune_alpha <= 0:
             raise UserError(f"neftune_alpha must be > 0 or null, got {neftune_alpha}")
         self.neftune_alpha = neftune_alpha
+        self.init_adapter = init_adapter
+        self.reference_adapter: str | None = None  # name of the frozen starting adapter kept as a reference
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.strict_loading = False  # checkpoints hold trainable weights only: loading must not demand the base
@@ -151,6 +161,60 @@ class FineTuneModule(LightningModule):
 
         return self.model.disable_adapter() if isinstance(self.model, PeftModel) else None
 
+    def reference_context(self) -> AbstractContextManager[Any] | None:
+        """A context in which :attr:`model` computes what it computed before this run's training, with no second
+        copy: the frozen starting adapter (``init_adapter``) switched in, or :meth:`disable_adapters`; ``None`` when
+        there is no such switch (the ``Preference`` task then precomputes its reference log-probabilities)."""
+        if self.reference_adapter is not None:
+            return _use_adapter(self.model, self.reference_adapter)
+        if self.init_adapter:
+            return None  # switching the adapters off would give the base, not where this run started
+        return self.disable_adapters()
+
+    def _start_from_adapter(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Load ``init_adapter``'s weights into the freshly adapted ``model`` (and a frozen copy for the reference)."""
+        from peft import PeftModel
+
+        folder = Path(self.init_adapter)
+        name = type(self).__name__
+        if not isinstance(model, PeftModel):
+            raise UserError(f"{name}: init_adapter needs a peft method (LoRA, DoRA, IA3, prompt learning...); "
+                            f"{name} trains the model itself -- pass the trained model folder as model_name instead")
+        if not (folder / "adapter_config.json").is_file():
+            raise UserError(f"init_adapter: {folder} holds no adapter_config.json; point it at a saved adapter folder "
+                            "(e.g. runs/quickstart/adapter)")
+        weights = _adapter_weights(folder)
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        mine = model.peft_config["default"].to_dict()
+        differ = [f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in _SHAPE_KEYS
+                  if k in saved and k in mine and _norm(saved[k]) != _norm(mine[k])]
+        if differ:
+            raise UserError(f"init_adapter: the adapter in {folder} was made with other settings than this {name} "
+                            f"({'; '.join(differ)}); configure the method as the adapter was trained")
+        wanted = getattr(self.task, "needs_reference_model", False)
+        names = ["default", "reference"] if wanted else ["default"]
+        if wanted:
+            import copy
+
+            model.add_adapter("reference", copy.deepcopy(model.peft_config["default"]))
+        from peft import set_peft_model_state_dict
+
+        for adapter in names:
+            result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
+            missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter}" in k]
+            if missing:
+                raise UserError(f"init_adapter: {folder} lacks {len(missing)} of this {name}'s adapter weights (e.g. "
+                                f"{missing[0]}); it was trained with other target modules or another method")
+        model.set_adapter("default")
+        if wanted:
+            for pname, p in model.named_parameters():
+                if ".reference" in pname:
+                    p.requires_grad_(False)
+            self.reference_adapter = "reference"
+        rank_zero_info(f"[ftframe] {name}: starting from the adapter in {folder}"
+                       + (" (kept frozen as the reference)" if wanted else ""))
+        return model
+
     @classmethod
     def load_base(cls, folder: TrainedFolder, name: str, dtype: models.DTypeName) -> torch.nn.Module:
         """The base model ``folder``'s adapter was trained on, as training saw it (``QLoRA``: 4-bit again)."""
@@ -180,6 +244,8 @@ class FineTuneModule(LightningModule):
     def _save(self, model: torch.nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None,
               **extra: Any) -> None:
         offline = models.resolve_model(self.model_name) != self.model_name
+        if self.reference_adapter is not None:  # the frozen starting copy is not part of what was trained
+            extra.setdefault("selected_adapters", ["default"])
         dist.save_pretrained(model, directory, state_dict, offline=offline, **extra)
 
     @final
@@ -204,6 +270,8 @@ class FineTuneModule(LightningModule):
             model.config.pad_token_id = self.tokenizer.pad_token_id
         enable_varlen_attention(model)  # identical to sdpa, and keeps packed examples apart
         model = self.adapt(model).train()  # from_pretrained returns eval mode; dropout etc. must be on in training
+        if self.init_adapter:
+            model = self._start_from_adapter(model)
         self.task.check_model(model, type(self).__name__)
         head = self.task.head(model)
         if self.task.new_head and head is not None and not hasattr(model, "peft_config"):
@@ -216,6 +284,7 @@ class FineTuneModule(LightningModule):
         if self.built_on_meta:
             dist.prepare_meta_init(self._trainer, model)  # FSDP fills meta modules one by one, tied weights kept tied
         self.model = model
+        self.task.attach(self)
         self.eval_metrics = torch.nn.ModuleDict({"val": StageMetrics(self.task), "test": StageMetrics(self.task)})
         trainable, total = self.parameter_counts()
         if trainable == 0:
@@ -251,6 +320,8 @@ class FineTuneModule(LightningModule):
                 self.log("train/loss", step_loss, prog_bar=True, batch_size=bs)
             if tokens is not None:  # the optimizer step's supervised tokens, on all processes
                 self.log("train/tokens", tokens, reduce_fx="sum", batch_size=bs)
+            for name, value in self.task.train_logs().items():  # task statistics (Preference: rewards), all processes
+                self.log(f"train/{name}", value, batch_size=bs, sync_dist=True)
         else:
             self._step_loss = None
         return loss
@@ -284,6 +355,9 @@ class FineTuneModule(LightningModule):
         if stepping:
             step_loss, self._step_loss = dist.sum_over_ranks(trainer, self._step_loss), None
         return share * (accumulate * world), step_loss, step_tokens if stepping else None
+
+    def on_fit_start(self) -> None:
+        self.task.on_fit_start(self)  # (after a resumed checkpoint was restored)
 
     # fresh state in the current grad mode (one made under ``trainer.validate``'s inference mode cannot be updated)
     def on_validation_epoch_start(self) -> None:
@@ -335,3 +409,47 @@ class FineTuneModule(LightningModule):
             return
         names = dist.trainable_names(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        task_state = self.task.state_dict()
+        if task_state:
+            checkpoint["ftframe_task"] = task_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("ftframe_task"):
+            self.task.load_state_dict(checkpoint["ftframe_task"])
+
+
+#: peft config fields that decide the adapter's weight shapes and placement (compared for ``init_adapter``).
+_SHAPE_KEYS = ("peft_type", "r", "target_modules", "use_dora", "num_virtual_tokens", "token_dim", "num_layers",
+               "encoder_hidden_size", "feedforward_modules", "modules_to_save")
+
+
+def _norm(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+
+def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = folder / "adapter_model.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    legacy = folder / "adapter_model.bin"
+    if legacy.is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise UserError(f"init_adapter: {folder} holds no adapter_model.safetensors")
+
+
+@contextmanager
+def _use_adapter(model: Any, name: str) -> Iterator[None]:
+    """Compute with adapter ``name`` instead of the active one; peft's ``set_adapter`` also changes which parameters
+    require gradients, which is put back exactly."""
+    previous = model.active_adapter
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for n, p in model.named_parameters():
+            if p.requires_grad != grads[n]:
+                p.requires_grad_(grads[n])
