@@ -25,10 +25,10 @@ import copy
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
-
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -56,7 +56,7 @@ class _Abandoned(Preempted):
         super().__init__(signal_name, -1, None, "")
 
 
-_ACTIVE: list["GracefulStop"] = []  # the instances handling signals in this process (one per running fit)
+_ACTIVE: list[GracefulStop] = []  # the instances handling signals in this process (one per running fit)
 _BUSY = [0]  # depth of `uninterrupted()` blocks in progress
 
 
