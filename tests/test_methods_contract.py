@@ -9,11 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ftframe.artifacts import read_trained, write_trained
-from ftframe.data import InstructionDataModule
+from ftframe.data import InstructionDataModule, PreferenceDataModule
 from ftframe.methods import METHODS, LastLayers, LoRA, PrefixTuning, PromptTuning, PTuning, QLoRA, variants
 from ftframe.models import load_model
 from ftframe.optim import OptimizerSettings
 from ftframe.packing import unpack
+from ftframe.tasks import Preference
 from tests.helpers import tiny_trainer
 
 #: label -> (method class, Variant): every shipped method's test configurations (ftframe.methods)
@@ -70,6 +71,28 @@ def test_two_steps_change_every_trainable_parameter_and_nothing_else(method, tin
     assert changed <= trainable, f"frozen tensors changed: {sorted(changed - trainable)[:5]}"
     # every trainable tensor moved (LoRA's B starts at 0 and moves at step 1; A receives gradient from step 2 on)
     assert changed == trainable, f"trainable tensors that never moved: {sorted(trainable - changed)[:5]}"
+
+
+def test_every_method_trains_under_the_preference_task(method, tiny_model, pair_data, cache_dir, tmp_path):
+    """DPO composes with every method unchanged: two steps move exactly the method's parameters, with the reference
+    the method's own (adapters off) or precomputed where it has none."""
+    cls, variant = method
+    module = cls(model_name=tiny_model, task=Preference(), optimizer=OptimizerSettings(learning_rate=1e-2),
+                 **variant.options)
+    data = PreferenceDataModule(train_files=pair_data, tokenizer=tiny_model, val_size=8, batch_size=4,
+                                cache_dir=cache_dir)
+    module.configure_model()
+    tensors = lambda: {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}  # noqa: E731
+    before = {k: v.detach().clone() for k, v in tensors().items()}
+    trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    trainer = tiny_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2 and torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+    changed = {k for k, v in tensors().items() if not torch.equal(before[k], v)}
+    assert changed == trainable, (f"frozen tensors changed: {sorted(changed - trainable)[:5]}; trainable tensors that "
+                                  f"never moved: {sorted(trainable - changed)[:5]}")
+    precomputed = module.task._table is not None
+    assert precomputed == (module.reference_context() is None)
 
 
 def test_saved_artifact_reproduces_logits(method, method_name, tiny_model, tiny_data, cache_dir, tmp_path):

@@ -338,3 +338,34 @@ def test_preference_refuses_other_data_and_loss_options(tiny_model, tiny_data, c
         Preference(loss="kto")
     with pytest.raises(UserError, match="sft_weight applies to the simpo loss"):
         Preference(loss="orpo", sft_weight=1.0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["LoRA", "FullFineTune"])
+def test_two_processes_train_like_one_with_the_same_global_batch(method, tiny_model, pair_data, tmp_path):
+    """DDP (2 CPU processes x 2 pairs) and accumulation (2 x 2 pairs) give the weights of 1 process x 4 pairs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for label, devices, batch, accumulate in (("1x4", 1, 4, 1), ("2x2", 2, 2, 1), ("1x2x2", 1, 2, 2)):
+        out = tmp_path / label
+        proc = subprocess.run([sys.executable, str(root / "tests" / "preference_job.py"), str(out), tiny_model,
+                               pair_data, str(devices), str(batch), str(accumulate), "3", method],
+                              cwd=root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[label] = (load_file(str(out / "trained.safetensors")), json.loads((out / "metrics.json").read_text()))
+    reference, ref_metrics = results["1x4"]
+    for label in ("2x2", "1x2x2"):
+        weights, metrics = results[label]
+        assert set(weights) == set(reference)
+        for name, value in reference.items():
+            diff = (weights[name] - value).norm() / value.norm().clamp(min=1e-12)
+            assert diff < 1e-5, f"{label}: {name} differs by {float(diff):.2e} (relative)"
+        for name in ("val/loss", "val/rewards/margins", "val/rewards/accuracy"):
+            assert abs(metrics[name] - ref_metrics[name]) <= 1e-5 * max(1.0, abs(ref_metrics[name])), name
+    assert ref_metrics["val/rewards/margins"] != 0.0
