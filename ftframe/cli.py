@@ -46,7 +46,7 @@ __all__ = ["FTFrameCLI", "main"]
 DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
 Training subcommands: fit, validate, test, predict (below).
 Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe merge --help`, `ftframe export --help`,
-`ftframe download --help`, `ftframe compare --help`.
+`ftframe download --help`, `ftframe compare --help`, `ftframe make-preferences --help`.
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
 
 
@@ -332,7 +332,8 @@ def _tools() -> dict[str, Callable[[list[str]], Any]]:
     return {"generate": lazy("ftframe.tools.generate", "generate", "generate"), "download": _tool(_download, "download"),
             "compare": lazy("ftframe.tools.compare", "compare", "compare"),
             "evaluate": lazy("ftframe.tools.evaluate", "evaluate", "evaluate"),
-            "merge": lazy("ftframe.tools.merge", "merge", "merge"), "export": lazy("ftframe.tools.export", "export", "export")}
+            "merge": lazy("ftframe.tools.merge", "merge", "merge"), "export": lazy("ftframe.tools.export", "export", "export"),
+            "make-preferences": lazy("ftframe.tools.make_preferences", "make_preferences", "make-preferences")}
 
 
 def _quiet_third_party() -> None:

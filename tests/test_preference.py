@@ -282,7 +282,7 @@ def test_pair_records_errors_name_file_line_and_field(tiny_model, cache_dir, tmp
         ({"prompt": "x", "chosen": "2"}, r"bad\.jsonl:2: field 'rejected' is missing"),
         ({"prompt": "x", "chosen": 2, "rejected": "3"}, r"bad\.jsonl:2: field 'chosen' must be a string or a non-empty"),
         ({"prompt": "x", "chosen": [{"role": "user", "content": "2"}], "rejected": "3"},
-         r"bad\.jsonl:2: field 'chosen\[0\]\.role' is 'user'; chosen messages take the roles \['assistant'\]"),
+         r"bad\.jsonl:2: field 'chosen\[0\]\.role' is 'user'; use one of \['assistant'\]"),
         ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "2",
           "rejected": "3"}, r"bad\.jsonl:2: field 'prompt' ends with an assistant message"),
     ]
@@ -369,3 +369,47 @@ def test_two_processes_train_like_one_with_the_same_global_batch(method, tiny_mo
         for name in ("val/loss", "val/rewards/margins", "val/rewards/accuracy"):
             assert abs(metrics[name] - ref_metrics[name]) <= 1e-5 * max(1.0, abs(ref_metrics[name])), name
     assert ref_metrics["val/rewards/margins"] != 0.0
+
+
+def test_pick_pairs_rejects_wrong_final_numbers_and_prefers_a_sampled_correct_answer():
+    import random
+
+    from ftframe.evaluation.generation import GSM8K_ANSWER
+    from ftframe.tools.make_preferences import pick_pairs
+
+    answers = ["2 + 3 = 5\n#### 5", "2 + 3 = 7\n#### 7", "so it is 5", "no idea", "2 + 3 = 7\n#### 7 ", ""]
+    pairs = pick_pairs(answers, "2 + 3 = <<2+3=5>>5\n#### 5", "5", "sampled", 3, random.Random(0), GSM8K_ANSWER)
+    assert sorted(p["rejected"] for p in pairs) == ["2 + 3 = 7\n#### 7", "no idea"]  # distinct; the right number
+    assert all(p["chosen"] == "2 + 3 = 5\n#### 5" and p["chosen_source"] == "sampled" for p in pairs)  # out of format
+    assert {p["rejected_answer"] for p in pairs} == {"7", None}  # is neither chosen nor rejected
+    gold = pick_pairs(answers, "ref #### 5", "5", "reference", 1, random.Random(0), GSM8K_ANSWER)
+    assert len(gold) == 1 and gold[0]["chosen"] == "ref #### 5" and gold[0]["chosen_source"] == "reference"
+    assert pick_pairs(["#### 5", "5 #### 5"], "ref #### 5", "5", "sampled", 2, random.Random(0), GSM8K_ANSWER) == []
+
+
+def test_make_preferences_writes_pairs_that_train_through_the_cli(tiny_model, tiny_data, tmp_path):
+    from ftframe.cli import main
+    from ftframe.data.instruction import split_indices
+
+    out = tmp_path / "pairs.jsonl"
+    main(["make-preferences", f"--model={tiny_model}", f"--data={tiny_data}", "--val_size=8", "--limit=12",
+          "--samples=3", "--max_new_tokens=12", f"--output={out}", "--seed=3"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    recorded = json.loads((tmp_path / "pairs.jsonl.meta.json").read_text())
+    assert recorded["samples"] == 3 and recorded["temperature"] == 0.8 and recorded["seed"] == 3
+    assert recorded["counts"]["questions"] == 12 and recorded["counts"]["pairs"] == len(lines) > 0
+    assert recorded["counts"]["samples"] == 36
+    records = [json.loads(line) for line in open(tiny_data)]
+    train, val = split_indices(len(records), 8, 42)
+    held_out = {records[i]["id"] for i in val}
+    assert not held_out & {p["id"].rsplit("-", 1)[0] for p in lines}  # only training questions
+    for p in lines:  # a random tiny model is never right: the reference solution is chosen, its own answer rejected
+        assert p["chosen_source"] == "reference" and p["chosen"].endswith(f"#### {p['gold']}")
+        assert p["rejected_answer"] != p["gold"]
+    run = tmp_path / "run"
+    main(["fit", f"--model.model_name={tiny_model}", "--model.task=ftframe.tasks.Preference",
+          "--model.task.loss=ipo", "--data=ftframe.data.PreferenceDataModule", f"--data.train_files={out}",
+          "--data.val_size=2", "--data.batch_size=2", f"--data.cache_dir={tmp_path / 'c'}", "--trainer.max_steps=2",
+          "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+          f"--trainer.default_root_dir={run}", f"--adapter.dirpath={run / 'adapter'}"])
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

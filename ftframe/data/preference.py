@@ -22,7 +22,7 @@ from ftframe.data.instruction import (
     _is_rank_zero,
 )
 from ftframe.data.readers import Record, read_records
-from ftframe.data.templates import ROLES, render
+from ftframe.data.templates import ROLES, check_messages, render
 from ftframe.errors import UserError
 
 __all__ = ["PairCollator", "PairDataset", "PreferenceDataModule"]
@@ -189,20 +189,7 @@ class PreferenceDataModule(InstructionDataModule):
         if not isinstance(value, list) or not value:
             raise UserError(f"{rec.where}: field '{field}' must be a string or a non-empty list of {{role, content}} "
                             f"messages, got {type(value).__name__} {value!r:.60}")
-        out = []
-        for i, m in enumerate(value):
-            where = f"{field}[{i}]"
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{rec.where}: field '{where}' must be an object with 'role' and 'content', got "
-                                f"{m!r:.80}")
-            if m["role"] not in roles:
-                raise UserError(f"{rec.where}: field '{where}.role' is {m['role']!r}; {name} messages take the roles "
-                                f"{list(roles)}")
-            if not isinstance(m["content"], str):
-                raise UserError(f"{rec.where}: field '{where}.content' must be a string, got "
-                                f"{type(m['content']).__name__}")
-            out.append({"role": m["role"], "content": m["content"]})
-        return out
+        return check_messages(rec, field, value, roles)
 
     def _tokenize(self, files: list[str]) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm

@@ -73,6 +73,22 @@ def detect_format(rec: Record, fields: dict[str, str]) -> str:
     )
 
 
+def check_messages(rec: Record, field: str, raw: list[Any], roles: tuple[str, ...] = ROLES) -> list[dict[str, str]]:
+    """``raw`` (the list in ``rec``'s ``field``) as ``[{role, content}]``, or a :class:`UserError` naming the message
+    and what is wrong with it."""
+    messages = []
+    for i, m in enumerate(raw):
+        path = f"{field}[{i}]"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{rec.where}: field '{path}' must be an object with 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in roles:
+            raise UserError(f"{rec.where}: field '{path}.role' is {m['role']!r}; use one of {list(roles)}")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{rec.where}: field '{path}.content' must be a string, got {type(m['content']).__name__}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
 def to_messages(rec: Record, fmt: str, fields: dict[str, str], system_prompt: str | None) -> list[dict[str, str]]:
     """Convert one record into ``[{role, content}]`` with at least one assistant message."""
     if fmt == "alpaca":
@@ -90,16 +106,7 @@ def to_messages(rec: Record, fmt: str, fields: dict[str, str], system_prompt: st
         if not isinstance(raw, list) or not raw:
             raise UserError(f"{rec.where}: field '{fields['messages']}' must be a non-empty list of "
                             f"{{role, content}} objects, got {raw!r:.80}")
-        messages = []
-        for i, m in enumerate(raw):
-            path = f"{fields['messages']}[{i}]"
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{rec.where}: field '{path}' must be an object with 'role' and 'content', got {m!r:.80}")
-            if m["role"] not in ROLES:
-                raise UserError(f"{rec.where}: field '{path}.role' is {m['role']!r}; use one of {list(ROLES)}")
-            if not isinstance(m["content"], str):
-                raise UserError(f"{rec.where}: field '{path}.content' must be a string, got {type(m['content']).__name__}")
-            messages.append({"role": m["role"], "content": m["content"]})
+        messages = check_messages(rec, fields["messages"], raw)
         if not any(m["role"] == "assistant" for m in messages):
             raise UserError(f"{rec.where}: field '{fields['messages']}' has no assistant message, so nothing would be "
                             "learned from it; add one or remove the record")

@@ -56,15 +56,23 @@ class ComparisonProbe(Callback):
         answer_pattern: Regex whose first group is the final answer in references and predictions; references
             without a match have no task metric.
         max_new_tokens: Generation length limit for the task metric.
+        metric_data: Where the held-out prompts of the task metric come from: ``None`` -- the run's own data module
+            (its validation examples); a data source (``gsm8k``, a JSONL file of prompt / completion records) -- the
+            records ``InstructionDataModule(val_size=metric_val_size, seed=42)`` holds out of it, so that runs on
+            other data (preference pairs made from the training questions) are scored on the same questions.
+        metric_val_size: The held-out size of ``metric_data``'s split (the quickstart's: 64).
     """
 
     def __init__(self, output: str, metric_examples: int = 64, answer_pattern: str = GSM8K_ANSWER,
-                 max_new_tokens: int = 256) -> None:
+                 max_new_tokens: int = 256, metric_data: str | None = None, metric_val_size: float = 64) -> None:
         self.output = Path(output)
         self.metric_examples = metric_examples
         self.answer_pattern = answer_pattern
         self.max_new_tokens = max_new_tokens
-        self.record: dict[str, Any] = {"val_loss": [], "train_tokens": 0, "train_seconds": 0.0, "steps": 0}
+        self.metric_data = metric_data
+        self.metric_val_size = metric_val_size
+        self.record: dict[str, Any] = {"val_loss": [], "val_metrics": [], "train_tokens": 0, "train_seconds": 0.0,
+                                       "steps": 0}
         self._t0 = 0.0
 
     def _write(self) -> None:
@@ -105,6 +113,8 @@ class ComparisonProbe(Callback):
         value = trainer.callback_metrics.get("val/loss")
         if value is not None:
             self.record["val_loss"].append({"step": trainer.global_step, "loss": float(value)})
+        self.record["val_metrics"].append({"step": trainer.global_step, **{
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}})
         self._write()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -116,6 +126,8 @@ class ComparisonProbe(Callback):
 
     @torch.no_grad()
     def _task_metric(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
+        if self.metric_data is not None:
+            return self._task_metric_on(pl_module)
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "predict_dataloader"):
             return None
@@ -152,6 +164,26 @@ class ComparisonProbe(Callback):
             model.train(was_training)
         return {"name": "exact_match", "value": correct / max(seen, 1), "correct": correct, "n": seen,
                 "seconds": time.perf_counter() - started, "answers": records}
+
+
+    def _task_metric_on(self, pl_module: LightningModule) -> dict[str, Any]:
+        """Exact match of greedy answers to ``metric_data``'s held-out prompts (its chat-template prompts)."""
+        from ftframe.evaluation.generation import (
+            evaluate_generation,
+            load_generation_records,
+            summarize_generation,
+        )
+
+        records = load_generation_records(self.metric_data, split="val", val_size=self.metric_val_size,
+                                          limit=self.metric_examples)
+        started = time.perf_counter()
+        answers = evaluate_generation(pl_module.model, pl_module.tokenizer, records,  # type: ignore[arg-type]
+                                      max_new_tokens=self.max_new_tokens, answer_pattern=self.answer_pattern)
+        summary = summarize_generation(answers)
+        return {"name": "exact_match", "value": summary["exact_match_strict"],
+                "correct": sum(a["correct_strict"] for a in answers), "n": summary["n"],
+                "seconds": time.perf_counter() - started, "data": self.metric_data,
+                "answers": [{"gold": a["gold"], "predicted": a["strict"]} for a in answers]}
 
 
 # ---------------------------------------------------------------------------------------------------------- parent
@@ -217,13 +249,15 @@ def _row(label: str, rec: dict[str, Any]) -> dict[str, Any]:
         "val_loss_after": losses[-1] if len(losses) > 1 else (losses[0] if losses else None),
         "task_metric": metric.get("value"),
         "task_metric_n": metric.get("n"),
+        "reward_accuracy": (rec.get("val_metrics") or [{}])[-1].get("val/rewards/accuracy"),
         "wall_s": rec.get("wall_s"),
     }
 
 
 def _table(rows: list[dict[str, Any]], header: str) -> str:
+    rewards = any(r.get("reward_accuracy") is not None for r in rows)  # preference runs: held-out reward accuracy
     cols = ["method", "lr", "trainable params", "% of total", "artifact on disk", "peak memory", "train tok/s",
-            "val loss before", "val loss after", "exact match", "wall"]
+            "val loss before", "val loss after", *(["reward accuracy"] if rewards else []), "exact match", "wall"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
 
     def f(v: Any, fmt: str) -> str:
@@ -241,6 +275,7 @@ def _table(rows: list[dict[str, Any]], header: str) -> str:
             f(r["tokens_per_s"], ".0f"),
             f(r["val_loss_before"], ".4f"),
             f(r["val_loss_after"], ".4f"),
+            *([f(r.get("reward_accuracy"), ".3f")] if rewards else []),
             em,
             "–" if r["wall_s"] is None else f"{r['wall_s'] / 60:.1f} min",
         ]) + " |")
@@ -304,6 +339,8 @@ def compare(
     configs_dir: str = "configs",
     force: bool = False,
     extra_args: list[str] | None = None,
+    metric_data: str | None = None,
+    metric_val_size: float = 64,
 ) -> list[dict[str, Any]]:
     """Run one data configuration through several methods with the same budget; write a table and a chart.
 
@@ -321,6 +358,10 @@ def compare(
         configs_dir: Folder holding ``methods/*.yaml``.
         force: Run methods again even if their results exist.
         extra_args: More ``ftframe fit`` arguments for every method (e.g. ``[--trainer.precision=32-true]``).
+        metric_data: Score the exact match on the held-out prompts of this data source instead of each run's own
+            validation data (:class:`ComparisonProbe`), e.g. ``gsm8k`` to compare SFT with SFT + DPO, whose data
+            are preference pairs (docs/preference.md).
+        metric_val_size: The held-out size of ``metric_data`` (the quickstart's: 64).
     """
     configs = [fit_config] if isinstance(fit_config, str) else list(fit_config)
     for c in configs:
@@ -347,7 +388,8 @@ def compare(
             result.unlink(missing_ok=True)
             probe = {"class_path": "ftframe.tools.compare.ComparisonProbe",
                      "init_args": {"output": str(result), "metric_examples": metric_examples,
-                                   "answer_pattern": answer_pattern, "max_new_tokens": max_new_tokens}}
+                                   "answer_pattern": answer_pattern, "max_new_tokens": max_new_tokens,
+                                   "metric_data": metric_data, "metric_val_size": metric_val_size}}
             argv = [sys.executable, "-m", "ftframe", "fit", *[a for c in configs for a in ("--config", c)],
                     "--config", method_yaml, f"--trainer.max_steps={steps}", "--validate_before_fit=true",
                     f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
