@@ -258,8 +258,8 @@ class FTFrameCLI(LightningCLI):
         if self.trainer.is_global_zero and self._val_before and after:
             for key, before in self._val_before.items():
                 if key in after:
-                    print(f"[ftframe] {key}: before {before:.4f} -> after {after[key]:.4f} "
-                          f"(ratio {after[key] / before:.3f})", flush=True)
+                    change = (f"ratio {after[key] / before:.3f}" if before else f"change {after[key] - before:+.4f}")
+                    print(f"[ftframe] {key}: before {before:.4f} -> after {after[key]:.4f} ({change})", flush=True)
 
     def _validate(self, when: str) -> dict[str, float]:
         if self.trainer.is_global_zero:

@@ -74,3 +74,52 @@ def test_compare_checks_every_method_before_running_any(compare_config, tmp_path
         compare(compare_config, methods={"lora": "lora", "mine": "nope"}, output=str(tmp_path / "cmp"),
                 configs_dir=str(ROOT / "configs"))
     assert not (tmp_path / "cmp" / "lora").exists()
+
+
+def test_compare_sft_against_sft_plus_dpo_on_the_same_held_out_questions(tiny_model, tiny_data, pair_data, tmp_path):
+    """The preference recipe's comparison: the starting adapter (0 steps) and DPO from it, both scored on the held-out
+    questions of the instruction data (metric_data) and on the held-out pairs (reward accuracy)."""
+    from ftframe.methods import LoRA
+
+    start = tmp_path / "sft"
+    sft = LoRA(model_name=tiny_model, r=4)
+    sft.configure_model()
+    sft.save_trained(start)
+    config = tmp_path / "dpo.yaml"
+    config.write_text(f"""seed_everything: 0
+trainer:
+  accelerator: cpu
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+model:
+  class_path: ftframe.methods.LoRA
+  init_args:
+    model_name: {tiny_model}
+    r: 4
+    init_adapter: {start}
+    task:
+      class_path: ftframe.tasks.Preference
+      init_args: {{beta: 0.5}}
+    optimizer: {{learning_rate: 0.02, lr_schedule: constant}}
+data:
+  class_path: ftframe.data.PreferenceDataModule
+  init_args:
+    train_files: {pair_data}
+    val_size: 8
+    batch_size: 4
+    cache_dir: {tmp_path / 'cache'}
+""")
+    out = tmp_path / "cmp"
+    rows = compare(str(config), methods={"SFT": f"{config} --trainer.max_steps=0", "SFT + DPO": str(config)}, steps=6,
+                   output=str(out), metric_examples=8, max_new_tokens=6, metric_data=tiny_data, metric_val_size=8)
+    sft_row, dpo_row = rows
+    assert sft_row["reward_accuracy"] == 0.0  # policy == reference: every reward is 0, none is ahead
+    assert dpo_row["reward_accuracy"] > 0.5
+    assert sft_row["val_loss_before"] == pytest.approx(0.6931, abs=1e-4)  # log 2: DPO's loss at the reference
+    assert dpo_row["val_loss_after"] < sft_row["val_loss_after"]
+    for r in rows:
+        assert r["task_metric_n"] == 8 and (8 * r["task_metric"]).is_integer()
+        probe = json.loads((out / r["method"].replace(" + ", "_").replace(" ", "_") / "probe.json").read_text())
+        assert probe["task_metric"]["data"] == tiny_data
+    table = (out / "results.md").read_text()
+    assert "| val loss after | reward accuracy | exact match |" in table
