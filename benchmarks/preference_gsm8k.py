@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--metric_examples", type=int, default=64)
     parser.add_argument("--out", default="runs/preference-bench")
     parser.add_argument("--record", action="store_true", help="also write benchmarks/results/preference_gsm8k.*")
+    parser.add_argument("--reuse_pairs", action="store_true", help="keep <out>/pairs.jsonl if it exists (its time is "
+                        "then the one recorded in pairs.jsonl.meta.json)")
     args = parser.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -58,15 +61,20 @@ def main() -> None:
         timings["sft_fit_s"] = run([*ftframe, "fit", "--config", "configs/quickstart.yaml",
                                     f"--adapter.dirpath={adapter}"], out / "sft.log")
     pairs = out / "pairs.jsonl"
-    timings["make_preferences_s"] = run([*ftframe, "make-preferences", f"--adapter={adapter}", f"--output={pairs}",
-                                         f"--limit={args.questions}", f"--samples={args.samples}",
-                                         f"--pairs_per_question={args.pairs_per_question}"], out / "pairs.log")
+    if args.reuse_pairs and Path(f"{pairs}.meta.json").is_file():
+        timings["make_preferences_s"] = json.loads(Path(f"{pairs}.meta.json").read_text())["seconds"]
+    else:
+        timings["make_preferences_s"] = run([*ftframe, "make-preferences", f"--adapter={adapter}",
+                                             f"--output={pairs}",
+                                             f"--limit={args.questions}", f"--samples={args.samples}",
+                                             f"--pairs_per_question={args.pairs_per_question}"], out / "pairs.log")
     meta = json.loads(Path(f"{pairs}.meta.json").read_text())
     config = "configs/preference/dpo_gsm8k.yaml"
     common = f"--model.init_args.init_adapter={adapter} --data.init_args.train_files={pairs}"
-    forgetting = json.dumps({"class_path": "ftframe.callbacks.ForgettingMonitor"})
-    methods = {"SFT (quickstart adapter)": f"{config} {common} --trainer.max_steps=0",
-               "SFT + DPO": f"{config} {common} --trainer.callbacks+={forgetting}"}
+    forgetting = shlex.quote("--trainer.callbacks+=" + json.dumps({"class_path": "ftframe.callbacks.ForgettingMonitor"}))
+    methods = {"SFT (quickstart adapter)": f"{config} {common} --trainer.max_steps=0 "
+                                           "--model.init_args.optimizer.lr_schedule=constant",
+               "SFT + DPO": f"{config} {common} {forgetting}"}
     compare_dir = out / "compare"
     if compare_dir.exists():
         shutil.rmtree(compare_dir)
