@@ -83,8 +83,8 @@ def test_a_plugin_method_passes_the_contract_tests_unedited(plugin_env, tmp_path
                  "-k", "NormOnly", f"--basetemp={tmp_path / 'pytest'}"], plugin_env)
     summary = proc.stdout.strip().splitlines()[-1]
     # the parametrized contract: trainable set, every trainable tensor moves, save -> load_trained logits,
-    # trainable-only checkpoints, and a run through the CLI
-    assert "5 passed" in summary and "failed" not in summary, summary
+    # trainable-only checkpoints, a run through the CLI, and two steps under the Preference task
+    assert "6 passed" in summary and "failed" not in summary, summary
 
 
 def test_a_plugin_method_runs_through_compare_merge_and_generate(plugin_env, compare_config, tmp_path):
