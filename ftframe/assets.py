@@ -180,8 +180,10 @@ def _truthfulqa(dest: Path) -> None:
             files = json.load(r)["files"]
         listed = [f["filename"] for f in files]
         if BIGBENCH_SDIST not in listed:
-            raise UserError(f"{index}/bigbench/ does not list {BIGBENCH_SDIST} (it lists {listed}); point "
-                            "FTFRAME_PYPI_SIMPLE at an index that has it")
+            raise UserError(f"{index}/bigbench/ does not list {BIGBENCH_SDIST} (it lists {listed}): the release was "
+                            "removed from pypi.org in December 2026 and the 0.0.1 sdist has no TruthfulQA data. Point "
+                            "FTFRAME_PYPI_SIMPLE at a mirror (devpi, Artifactory, a local simple index) that still "
+                            "holds it")
         url = next(f["url"] for f in files if f["filename"] == BIGBENCH_SDIST)
         with urllib.request.urlopen(url, timeout=120) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
             member = next((m for m in tar if m.name.endswith(TRUTHFULQA_MEMBER)), None)
