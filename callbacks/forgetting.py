@@ -150,6 +150,15 @@ class ForgettingMonitor(Callback):
         self._questions: list[Any] = []
         self._kl_mode: str = "off"
 
+    def metric_names(self) -> tuple[str, ...]:
+        """What this monitor can log, as ``forgetting/<name>`` (``kl`` only where a base model is at hand)."""
+        names = ["seconds", "over_budget", "task", "tradeoff"]
+        if self.reference is not None:
+            names += ["ref_nll", "ref_ppl", "ppl_increase"] + (["kl"] if self.kl != "off" else [])
+        if self.probe is not None:
+            names += ["probe_acc", "probe_drop"]
+        return tuple(f"forgetting/{n}" for n in names)
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(reference=self.reference, probe=self.probe, task_metric=self.task_metric)

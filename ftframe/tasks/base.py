@@ -63,6 +63,13 @@ class Task:
         loss, weight = self.loss(model, batch)
         return loss, weight, None
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The names :meth:`log_values` can return (``*`` stands for a label); ``loss`` is always logged besides.
+
+        ``ftframe tune`` checks an objective against these before it starts a trial.
+        """
+        return ()
+
     def log_values(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         """Turn :meth:`metrics`' computed values into scalars to log (names without the ``val/`` prefix)."""
         return {k: float(v) for k, v in computed.items() if v.numel() == 1}

@@ -162,6 +162,9 @@ class SequenceClassification(Task):
             "ece": MulticlassCalibrationError(k, n_bins=self.calibration_bins, norm="l1"),
         })
 
+    def metric_names(self) -> tuple[str, ...]:
+        return ("accuracy", "f1_macro", "ece", "precision/*", "recall/*")
+
     def log_values(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         labels = self._require_labels()
         out = {name: float(computed[name]) for name in ("accuracy", "f1_macro", "ece") if name in computed}

@@ -272,6 +272,9 @@ class Preference(Task):
 
         return MetricCollection({"pairs": PairMetrics()})
 
+    def metric_names(self) -> tuple[str, ...]:
+        return PAIR_STATS
+
     def log_values(self, computed: dict[str, torch.Tensor]) -> dict[str, float]:
         return {name: float(v) for name, v in zip(PAIR_STATS, computed["pairs"], strict=True)}
 
