@@ -35,6 +35,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -436,12 +437,69 @@ def open_storage(url: str, heartbeat: float | None = None) -> Any:
             kwargs.update(heartbeat_interval=max(1, int(heartbeat)), grace_period=max(2, int(2 * heartbeat)))
         import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
-            return optuna.storages.RDBStorage(url, **kwargs)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        for attempt in range(6):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
+                    return optuna.storages.RDBStorage(url, **kwargs)
+            except SQLAlchemyError:
+                # workers started together race to create a new database's tables: the loser retries and finds them
+                if attempt == 5:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(url))
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_abandoned(study: Any, heartbeat: bool) -> list[int]:
+    """Mark failed the trials left RUNNING by a worker that died (``kill -9``, a crash, a lost machine).
+
+    A trial's worker is ``host:pid``: one on this host whose process is gone is failed at once (any storage); others
+    by Optuna's heartbeat (RDB storage), once silent for the grace period. Returns the numbers failed."""
+    import optuna
+
+    running = lambda: [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]  # noqa: E731
+    before = {t.number for t in running()}
+    if not before:
+        return []
+    host = socket.gethostname()
+    for t in running():
+        worker = str(t.user_attrs.get("worker", ""))
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            study._storage.set_trial_user_attr(t._trial_id, "note", f"its worker {worker} died mid-trial")
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    if heartbeat:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    still = {t.number for t in running()}
+    failed = sorted(before - still)
+    if failed:
+        print(f"[ftframe] tune: trial{'s' if len(failed) > 1 else ''} {failed} had been running when "
+              f"{'their worker' if len(failed) > 1 else 'its worker'} stopped: marked failed (not counted)", flush=True)
+    if still:
+        print(f"[ftframe] tune: trial{'s' if len(still) > 1 else ''} {sorted(still)} running in another worker",
+              flush=True)
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -463,6 +521,7 @@ def _trial_rows(study: Any, params: list[Param], objectives: list[str]) -> list[
         row["steps"] = t.user_attrs.get("steps")
         row["pruned_at"] = t.user_attrs.get("pruned_at")
         row["seconds"] = round(seconds, 1) if seconds is not None else None
+        row["worker"] = t.user_attrs.get("worker", "")
         row["note"] = t.user_attrs.get("note", "")
         rows.append(row)
     return rows
@@ -493,7 +552,7 @@ def write_outputs(study: Any, params: list[Param], objectives: list[str], out: P
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "---|" * len(columns))
     for r in rows:
-        mark = " **best**" if r["trial"] in best_numbers else ""
+        mark = (" **Pareto**" if len(objectives) > 1 else " **best**") if r["trial"] in best_numbers else ""
         lines.append("| " + " | ".join(_fmt(r[c]) + (mark if c == "trial" else "") for c in columns) + " |")
     (out / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary: dict[str, Any] = {"trials": len(rows), "best": [t.number for t in best]}
@@ -666,7 +725,7 @@ def tune(configs: list[str], space: str, trials: int = 8, timeout: float | None 
         current = {p.key: config.get(p.key) for p in params}
         if all(p.contains(v) for p, v in zip(params, current.values(), strict=True)):
             the_study.enqueue_trial({p.key: p.optuna_value(v) for p, v in zip(params, current.values(), strict=True)},
-                                    user_attrs={"note": "the run config's own values"})
+                                    user_attrs={"note": "the run config's own values"}, skip_if_exists=True)
             print(f"[ftframe] tune: trial 0 runs the config's own values ({to_flags(current)}) as the baseline",
                   flush=True)
         else:
@@ -674,6 +733,7 @@ def tune(configs: list[str], space: str, trials: int = 8, timeout: float | None 
             print(f"[ftframe] tune: no baseline trial: the config's values of {outside} lie outside the space",
                   flush=True)
 
+    fail_abandoned(the_study, heartbeat="://" in url)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done_before = sum(t.state in counted for t in the_study.get_trials(deepcopy=False))
     print(f"[ftframe] tune: study {name!r} ({url}): {done_before} of {trials} trials done; objective"
@@ -686,6 +746,7 @@ def tune(configs: list[str], space: str, trials: int = 8, timeout: float | None 
         pass
 
     def objective(trial: Any) -> Any:
+        trial.set_user_attr("worker", WORKER)
         drawn = {p.key: p.suggest(trial) for p in params}
         trial.set_user_attr("values", drawn)
         folder = (out / "trials" / f"{trial.number:03d}").resolve()
