@@ -701,7 +701,6 @@ def tune(configs: list[str], space: str, trials: int = 8, timeout: float | None 
     if multi and pruner != "none":
         print("[ftframe] tune: several objectives: Optuna cannot prune them, so every trial runs to the end",
               flush=True)
-    max_steps = config.get("trainer.max_steps")
     if eval_every is not None and eval_every < 1:
         raise UserError(f"--eval_every must be >= 1, got {eval_every}")
     name = study or Path(configs[-1]).stem

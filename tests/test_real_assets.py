@@ -96,9 +96,8 @@ def test_mmlu_asset_is_the_full_test_split():
 
 def test_truthfulqa_streams_out_of_the_bigbench_sdist(tmp_path, monkeypatch):
     """The optional asset: 299 questions read from a 358 MB sdist that is streamed, never stored or unpacked."""
-    from ftframe.evaluation import load_questions
-
     from ftframe.errors import UserError
+    from ftframe.evaluation import load_questions
 
     monkeypatch.setenv("FTFRAME_HOME", str(tmp_path))
     try:

@@ -188,7 +188,7 @@ def test_forgetting_as_a_second_objective_gives_a_pareto_front(tmp_path, run_yam
     assert len(trials) == 3 and all(len(t.values) == 2 for t in trials)
     # the front is exactly the trials no other trial beats on both objectives
     dominated = {t.number for t in trials for u in trials
-                 if all(b <= a for a, b in zip(t.values, u.values)) and u.values != t.values}
+                 if all(b <= a for a, b in zip(t.values, u.values, strict=True)) and u.values != t.values}
     front = {t.number for t in trials} - dominated
     assert {t.number for t in study.best_trials} == front and front
     table = (out / "trials.md").read_text()
