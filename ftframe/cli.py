@@ -533,8 +533,9 @@ def inspect_data(argv: list[str]) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``ftframe`` console script and ``python -m ftframe``."""
+def main(argv: list[str] | None = None, commands: dict[str, Any] | None = None) -> None:
+    """The ``ftframe`` command. ``commands``: subcommands from the layer above (``ftframe tune``, given by
+    ``ftframe.__main__``, the console script's entry point), run with this function's error handling."""
     _quiet_third_party()
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -547,10 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; hand it the arguments without --debug
     try:
         tools = _tools()
-        if argv and argv[0] == "tune":
-            import importlib
-
-            importlib.import_module("ftframe.tune").main(argv[1:])  # the layer above the CLI: imported by name
+        if argv and argv[0] in (commands or {}):
+            commands[argv[0]](argv[1:])
         elif argv and argv[0] in tools:
             tools[argv[0]](argv[1:])
         elif argv and argv[0] == "inspect-data":

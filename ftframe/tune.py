@@ -80,6 +80,8 @@ class Param:
 
     def optuna_value(self, value: Any) -> Any:
         """``value`` as Optuna stores it (a categorical choice that is a list or mapping is stored as its label)."""
+        if self.kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)  # e.g. an int option the run config's schema types as float
         return _choice_label(value) if self.kind == "categorical" else value
 
     def contains(self, value: Any) -> bool:
@@ -396,7 +398,7 @@ class TrialReporter(Callback):
             if trainer.is_global_zero:
                 trial = self._optuna_trial()
                 trial.report(self.latest[self.prune_on], step)
-                prune = trial.should_prune()
+                prune = not self._at_last_step(trainer) and trial.should_prune()
             if trainer.strategy.broadcast(prune, src=0):
                 self.pruned_at = step
                 trainer.should_stop = True
@@ -404,6 +406,12 @@ class TrialReporter(Callback):
                     print(f"[ftframe] tune: pruned at step {step} ({self.prune_on} {self.latest[self.prune_on]:.4f})",
                           flush=True)
         self._write(trainer)
+
+    @staticmethod
+    def _at_last_step(trainer: Trainer) -> bool:
+        """At the run's last step pruning saves nothing: the value is then the trial's result, never a prune."""
+        last = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        return trainer.global_step >= last
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collect(trainer)
@@ -505,7 +513,9 @@ def fail_abandoned(study: Any, heartbeat: bool) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- outputs
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.4g}" if abs(value) < 1e-2 else f"{value:.4f}"
     return "" if value is None else str(value)
 
 
@@ -725,7 +735,8 @@ def tune(configs: list[str], space: str, trials: int = 8, timeout: float | None 
         if all(p.contains(v) for p, v in zip(params, current.values(), strict=True)):
             the_study.enqueue_trial({p.key: p.optuna_value(v) for p, v in zip(params, current.values(), strict=True)},
                                     user_attrs={"note": "the run config's own values"}, skip_if_exists=True)
-            print(f"[ftframe] tune: trial 0 runs the config's own values ({to_flags(current)}) as the baseline",
+            own = {p.key: p.optuna_value(v) for p, v in zip(params, current.values(), strict=True)}
+            print(f"[ftframe] tune: trial 0 runs the config's own values ({' '.join(to_flags(own))}) as the baseline",
                   flush=True)
         else:
             outside = [p.key for p, v in zip(params, current.values(), strict=True) if not p.contains(v)]
