@@ -37,6 +37,17 @@ def test_every_config_parses_and_instantiates(path, tiny_model):
         gate = EvalGate.from_file(path)
         assert gate.evaluations and f"--eval configs/eval/{path.name}" in first
         return
+    if path.name.endswith("_space.yaml"):  # an ftframe tune search space, checked against the run it names
+        from ftframe.tune import _parse_run, check_space, load_space
+
+        assert f"--space configs/tune/{path.name}" in first
+        run = [a for a in re.findall(r"--config (\S+)", first)]
+        run_args = [x for c in run for x in ("--config", str(ROOT / c))] + [f"--model.init_args.model_name={tiny_model}"]
+        params = load_space(path)
+        _, config = _parse_run(run_args)
+        check_space(params, run_args, config)
+        assert params
+        return
     args = ["--config", str(path), f"--model.init_args.model_name={tiny_model}"]
     if path.parent.name == "strategy" and path.name in GPU_ONLY and not torch.cuda.is_available():
         with pytest.raises(UserError, match=r"configs/strategy/ddp\.yaml"):

@@ -21,4 +21,4 @@ def test_wheel_contains_every_module(tmp_path):
     # callbacks/ ships once, as ftframe.callbacks: no top-level package (a second copy of each class); no tests
     assert not [n for n in names if n.split("/")[0] in ("callbacks", "tests")], sorted(names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "ftframe = ftframe.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "ftframe = ftframe.__main__:main" in zipfile.ZipFile(wheel).read(entry).decode()
