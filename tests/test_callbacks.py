@@ -24,6 +24,7 @@ from ftframe.errors import UserError
 from ftframe.methods import BottleneckAdapters, FullFineTune, LoRA
 from ftframe.optim import OptimizerSettings
 from tests.helpers import fit_command as _fit_cmd
+from tests.helpers import real_assets_available
 from tests.helpers import run_cli as _run
 from tests.helpers import tiny_trainer
 
@@ -123,6 +124,29 @@ def test_kl_is_zero_before_training_and_grows(method, kwargs, kl, knowing_model,
     kls = [r["kl"] for r in monitor.history]
     assert abs(kls[0]) < 1e-6, kls  # adapters start as the identity: the tuned model is the base
     assert min(kls[1:]) > 1e-5, kls  # and moves away from it once training changes the weights
+
+
+@pytest.mark.skipif(not real_assets_available(), reason="run `ftframe download` first (CI does)")
+@pytest.mark.parametrize("probe", ["winogrande", "benchmark:mmlu"])
+def test_any_benchmark_can_be_the_probe(probe, knowing_model, tiny_data, cache_dir, tmp_path, reference_and_probe):
+    """A suite benchmark as the probe: its own prompt (Winogrande's partial scoring too) and headline metric; the
+    step-0 probe accuracy is the benchmark's score of the untrained model on the same questions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftframe.evaluation import score_multiple_choice
+    from ftframe.evaluation.benchmarks import benchmark, load_benchmark
+
+    monitor = _monitor(reference_and_probe, probe=probe, probe_size=10, kl="off")
+    _fit(LoRA(model_name=knowing_model, r=4, dropout=0.0), tiny_data, cache_dir, tmp_path, [monitor], max_steps=3)
+    name = probe.split(":")[-1]
+    questions = load_benchmark(name, sample=10)
+    assert [q.id for q in monitor._questions] == [q.id for q in questions]
+    assert (questions[0].continuation is not None) == (name == "winogrande")
+    key = "correct_norm" if benchmark(name).primary == "acc_norm" else "correct"
+    base = AutoModelForCausalLM.from_pretrained(knowing_model)
+    records = score_multiple_choice(base, AutoTokenizer.from_pretrained(knowing_model), questions, "rendered",
+                                    overflow="truncate", progress=False).records
+    assert monitor.history[0]["probe_acc"] == pytest.approx(sum(r[key] for r in records) / 10)
 
 
 def test_full_fine_tuning_skips_kl_unless_the_copy_is_accepted(knowing_model, tiny_data, cache_dir, tmp_path,

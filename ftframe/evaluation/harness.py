@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ftframe.evaluation.multiple_choice import MCQuestion
 
-__all__ = ["LM_EVAL_TASKS", "write_lm_eval_task", "write_questions"]
+__all__ = ["LM_EVAL_TASKS", "write_lm_eval_benchmark", "write_lm_eval_task", "write_questions"]
 
 _COMMON = """dataset_path: json
 dataset_kwargs:
@@ -59,3 +59,43 @@ def write_lm_eval_task(folder: str | Path, fmt: str, data: str | Path) -> str:
     (folder / f"{name}.yaml").write_text(f"task: {name}\n" + _COMMON.format(data=json.dumps(str(Path(data).resolve())))
                                          + LM_EVAL_TASKS[fmt])
     return name
+
+
+#: records whose field names differ from those lm-eval's dataset copy uses: BoolQ is google/boolq here
+#: (``answer: true/false``), super_glue's ``label: 0/1`` in lm-eval
+_LM_EVAL_FIELDS = {"boolq": lambda doc: {**doc, "label": int(bool(doc["answer"]))}}
+
+
+def write_lm_eval_benchmark(folder: str | Path, benchmark: str, docs: Sequence[dict]) -> str:
+    """lm-eval's own task YAML for ``benchmark`` (its ``lm_eval`` task, included as lm-eval 0.4.13 ships it), reading
+    ``docs`` from a local JSONL instead of the Hub; returns the task name to run with ``--include_path folder``.
+
+    lm-eval's prompt, choices, target, preprocessing and metrics are then lm-eval's own, not a copy of ftframe's.
+    """
+    from lm_eval.tasks import TaskManager
+
+    from ftframe.evaluation.benchmarks import benchmark as definition
+
+    bench = definition(benchmark)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{benchmark}.jsonl"
+    fix = _LM_EVAL_FIELDS.get(benchmark, lambda d: d)
+    with open(data, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(fix(doc)) + "\n")
+    name = f"ftframe_{benchmark}"
+    if benchmark == "mmlu":  # lm-eval's MMLU is 57 tasks over hails/mmlu_no_train; the one-task prompt is ours
+        write_questions([_mmlu_question(d) for d in docs], data)
+        return write_lm_eval_task(folder, "letter", data)
+    included = TaskManager().task_index[bench.lm_eval].yaml_path
+    (folder / f"{name}.yaml").write_text(
+        f"include: {json.dumps(str(included))}\ntask: {name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n")
+    return name
+
+
+def _mmlu_question(doc: dict) -> MCQuestion:
+    return MCQuestion(id=doc["id"], question=doc["question"], choices=tuple(doc["choices"]), label=doc["label"],
+                      subject=doc["subject"])

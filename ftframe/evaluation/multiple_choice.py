@@ -14,6 +14,7 @@ contexts' key/value cache.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -43,13 +44,20 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 @dataclass(frozen=True)
 class MCQuestion:
-    """One multiple-choice question. ``label`` is the index of the correct choice."""
+    """One multiple-choice question. ``label`` is the index of the correct choice.
+
+    ``continuation`` set means *partial* scoring (Winogrande): each choice completes the context in place of the
+    question, and the shared ``continuation`` is what is scored. ``true_labels`` (0/1 per choice) marks every true
+    answer, for TruthfulQA's MC2 (the probability mass of the true answers).
+    """
 
     id: str
     question: str
     choices: tuple[str, ...]
     label: int
     subject: str | None = None
+    continuation: str | None = None
+    true_labels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,18 +78,30 @@ class PromptFormat:
     delimiter: str = " "
     shot_separator: str = "\n\n"
 
-    def render_question(self, q: MCQuestion) -> str:
+    def render_question(self, q: MCQuestion, choice: int | None = None) -> str:
+        """The question as text; for a partial-scoring question, ``choice`` (default: gold) stands in its place."""
+        if q.continuation is not None:
+            return q.choices[q.label if choice is None else choice]
         block = "".join(self.choice_line.format(letter=LETTERS[i], text=c) for i, c in enumerate(q.choices))
         return self.question.format(question=q.question.strip(), choices=block, subject=q.subject or "")
 
     def choice_texts(self, q: MCQuestion) -> list[str]:
+        """What is scored for each choice (after ``delimiter``): the choice, or the shared continuation (partial)."""
+        if q.continuation is not None:
+            return [q.continuation] * len(q.choices)
         return [self.continuation.format(letter=LETTERS[i], text=c) for i, c in enumerate(q.choices)]
 
-    def context(self, q: MCQuestion, shots: Sequence[MCQuestion] = ()) -> str:
+    def context(self, q: MCQuestion, shots: Sequence[MCQuestion] = (), choice: int | None = None) -> str:
         parts = [self.render_question(s) + self.delimiter + self.choice_texts(s)[s.label] for s in shots]
-        parts.append(self.render_question(q))
+        parts.append(self.render_question(q, choice))
         desc = self.description.format(subject=(q.subject or "").replace("_", " ")) if self.description else ""
         return desc + self.shot_separator.join(parts)
+
+    def contexts(self, q: MCQuestion, shots: Sequence[MCQuestion] = ()) -> list[str]:
+        """One context per choice: the same one, or (partial scoring) each completed by its choice."""
+        if q.continuation is None:
+            return [self.context(q, shots)] * len(q.choices)
+        return [self.context(q, shots, j) for j in range(len(q.choices))]
 
 
 FORMATS: dict[str, PromptFormat] = {
@@ -99,6 +119,8 @@ FORMATS: dict[str, PromptFormat] = {
         question="Question: {question}\nAnswer:",
         continuation="{text}",
     ),
+    # the question is already the whole prompt (a benchmark definition rendered it, see ftframe.evaluation.benchmarks)
+    "rendered": PromptFormat(name="rendered", question="{question}", continuation="{text}"),
 }
 
 
@@ -207,11 +229,27 @@ def few_shot(questions: Sequence[MCQuestion], k: int, seed: int) -> list[list[MC
 # ---------------------------------------------------------------------------------------------------------- scoring
 @dataclass
 class _Item:
+    """One question's token sequences: ``prefix`` (shared by every choice, run once) + ``rests[j]`` is choice j's
+    whole sequence; its scored tokens are ``rests[j][offsets[j]:]`` (the rest before them is choice j's own
+    context, as in partial scoring)."""
+
     index: int
-    context: list[int]
-    continuations: list[list[int]]
+    prefix: list[int]
+    rests: list[list[int]]
+    offsets: list[int]
     norm_lengths: list[int]
     truncated: int = 0
+
+
+def _split_shared(pairs: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[list[int]], list[int]]:
+    """(context, continuation) token pairs -> their longest shared prefix (never past a context's end), the rests and
+    where each rest's scored tokens start."""
+    fulls = [c + t for c, t in pairs]
+    n = min(len(c) for c, _ in pairs)
+    shared = 0
+    while shared < n and all(f[shared] == fulls[0][shared] for f in fulls):
+        shared += 1
+    return fulls[0][:shared], [f[shared:] for f in fulls], [len(c) - shared for c, _ in pairs]
 
 
 @dataclass
@@ -275,27 +313,28 @@ def score_multiple_choice(
     shots = few_shot(questions, k_shot, seed)
     items: list[_Item] = []
     for i, q in enumerate(questions):
-        context = fmt.context(q, shots[i])
         texts = fmt.choice_texts(q)
-        pairs = [encode_pair(tokenizer, context, fmt.delimiter + t) for t in texts]
-        ctx = pairs[0][0]
-        conts = [c for _, c in pairs]
-        if any(len(c) == 0 for c in conts):
+        pairs = [encode_pair(tokenizer, ctx, fmt.delimiter + t)
+                 for ctx, t in zip(fmt.contexts(q, shots[i]), texts, strict=True)]
+        if any(len(c) == 0 for c, _ in pairs):
+            raise UserError(f"question {q.id}: the context encodes to no tokens; check the prompt format")
+        if any(len(c) == 0 for _, c in pairs):
             raise UserError(f"question {q.id}: a choice encodes to no tokens; check the prompt format")
-        longest = max(len(c) for c in conts)
-        item = _Item(i, ctx, conts, [len(t) for t in texts])
-        if len(ctx) + longest > limit:
+        prefix, rests, offsets = _split_shared(pairs)
+        longest = max(len(r) for r in rests)
+        item = _Item(i, prefix, rests, offsets, [len(t) for t in texts])
+        if len(prefix) + longest > limit:
             if overflow == "error":
-                raise UserError(f"question {q.id}: {len(ctx)} context + {longest} choice tokens exceed max_length="
-                                f"{limit}; set overflow: truncate (drop context from the left) or skip, or use "
-                                "fewer shots")
+                raise UserError(f"question {q.id}: {len(prefix)} context + {longest} choice tokens exceed "
+                                f"max_length={limit}; set overflow: truncate (drop context from the left) or skip, "
+                                "or use fewer shots")
             if overflow == "skip":
                 result.skipped.append(q.id)
                 continue
             if longest >= limit:
                 raise UserError(f"question {q.id}: a choice alone has {longest} tokens, more than max_length={limit}")
-            item.truncated = len(ctx) + longest - limit
-            item.context = ctx[item.truncated:]
+            item.truncated = len(prefix) + longest - limit
+            item.prefix = prefix[item.truncated:]
             result.truncated += 1
         items.append(item)
 
@@ -305,8 +344,8 @@ def score_multiple_choice(
     scores: dict[int, tuple[list[float], list[bool]]] = {}
     try:
         with scoring_mode(model) as device:
-            # longest contexts first: similar lengths share a batch (less padding), and memory problems show at once
-            order = sorted(items, key=lambda it: -len(it.context))
+            # longest questions first: similar lengths share a batch (less padding), and memory problems show at once
+            order = sorted(items, key=lambda it: -(len(it.prefix) + max(len(r) for r in it.rests)))
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 for it, (lls, greedy) in zip(batch, _score_batch(model, batch, tokenizer, device), strict=True):
@@ -320,12 +359,23 @@ def score_multiple_choice(
         lls, greedy = scores[it.index]
         normed = [ll / n for ll, n in zip(lls, it.norm_lengths, strict=True)]
         pred, pred_norm = _argmax(lls), _argmax(normed)
-        result.records.append({
+        record = {
             "id": q.id, "subject": q.subject, "gold": q.label, "pred": pred, "pred_norm": pred_norm,
             "correct": pred == q.label, "correct_norm": pred_norm == q.label, "loglikelihoods": lls,
-            "greedy": greedy, "context_tokens": len(it.context), "truncated_tokens": it.truncated,
-        })
+            "greedy": greedy, "context_tokens": len(it.prefix) + min(it.offsets), "truncated_tokens": it.truncated,
+            "choice_chars": it.norm_lengths,
+        }
+        if q.true_labels is not None:
+            record["mc2"] = mc2_score(lls, q.true_labels)
+        result.records.append(record)
     return result
+
+
+def mc2_score(loglikelihoods: Sequence[float], true_labels: Sequence[int]) -> float:
+    """TruthfulQA MC2: the probability mass of the true answers, the choices' probabilities normalised to sum to 1."""
+    top = max(loglikelihoods)
+    probs = [math.exp(ll - top) for ll in loglikelihoods]  # shifted: same ratios, no underflow
+    return sum(p for p, t in zip(probs, true_labels, strict=True) if t == 1) / sum(probs)
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -354,39 +404,57 @@ def _uses_prompt_learning(model: torch.nn.Module) -> bool:
 
 def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
                  device: torch.device) -> list[tuple[list[float], list[bool]]]:
-    if _uses_prompt_learning(model):
+    if _uses_prompt_learning(model) or any(not it.prefix for it in batch):
         return _score_full_sequences(model, batch, tokenizer, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # 1. contexts, left-padded: the last column is every question's last context token
-    t = max(len(it.context) for it in batch)
+    # 1. shared prefixes, left-padded: the last column is every question's last shared token
+    t = max(len(it.prefix) for it in batch)
     ids = torch.full((len(batch), t), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), t), dtype=torch.long)
     for r, it in enumerate(batch):
-        ids[r, t - len(it.context):] = torch.tensor(it.context)
-        mask[r, t - len(it.context):] = 1
+        ids[r, t - len(it.prefix):] = torch.tensor(it.prefix)
+        mask[r, t - len(it.prefix):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # only the last position's logits are needed: skip the output layer (and a (B, T, vocab) tensor) elsewhere
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): every choice's first token
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): every rest's first token
     results: list[tuple[list[float], list[bool]]] = []
     for r, it in enumerate(batch):
-        lls = [float(first[r, c[0]]) for c in it.continuations]
         top = int(first[r].argmax())
-        results.append((lls, [c[0] == top for c in it.continuations]))
-    # 2. choices longer than one token: all at once on the repeated context cache
-    rows = [(r, j) for r, it in enumerate(batch) for j, c in enumerate(it.continuations) if len(c) > 1]
+        lls = [float(first[r, rest[0]]) if off == 0 else 0.0 for rest, off in zip(it.rests, it.offsets, strict=True)]
+        results.append((lls, [rest[0] == top or off > 0 for rest, off in zip(it.rests, it.offsets, strict=True)]))
+    # 2. rests longer than one token, on the prefix cache repeated per row; rows sorted by length and cut into
+    #    groups of similar length, so a few long choices do not pad every short one
+    rows = [(r, j) for r, it in enumerate(batch) for j, rest in enumerate(it.rests) if len(rest) > 1]
     if not rows:
         return results
-    cache = out.past_key_values
+    rows.sort(key=lambda rj: -len(batch[rj[0]].rests[rj[1]]))
+    groups: list[list[tuple[int, int]]] = [[]]
+    for rj in rows:
+        group = groups[-1]
+        if group and 4 * (len(batch[rj[0]].rests[rj[1]]) - 1) < 3 * (len(batch[group[0][0]].rests[group[0][1]]) - 1):
+            groups.append([rj])  # under 3/4 of the group's longest: start a new group
+        else:
+            group.append(rj)
+    for k, group in enumerate(groups):
+        cache = out.past_key_values if k == len(groups) - 1 else copy.deepcopy(out.past_key_values)
+        _score_rests(model, batch, group, cache, mask, pad, device, results)
+    return results
+
+
+def _score_rests(model: torch.nn.Module, batch: list[_Item], rows: list[tuple[int, int]], cache: Any,
+                 mask: torch.Tensor, pad: int, device: torch.device,
+                 results: list[tuple[list[float], list[bool]]]) -> None:
+    """Add the log-likelihood of tokens 2..n of each (question, choice) row, run on its question's prefix cache."""
     index = torch.tensor([r for r, _ in rows], device=device)
     cache.batch_select_indices(index)  # one cache row per (question, choice)
-    m = max(len(batch[r].continuations[j]) - 1 for r, j in rows)
+    m = max(len(batch[r].rests[j]) - 1 for r, j in rows)
     cont = torch.full((len(rows), m), pad, dtype=torch.long)
     cont_mask = torch.zeros((len(rows), m), dtype=torch.long)
     for k, (r, j) in enumerate(rows):
-        tokens = batch[r].continuations[j][:-1]  # the last token is only predicted, never fed
+        tokens = batch[r].rests[j][:-1]  # the last token is only predicted, never fed
         cont[k, : len(tokens)] = torch.tensor(tokens)
         cont_mask[k, : len(tokens)] = 1
     cont, cont_mask = cont.to(device), cont_mask.to(device)
@@ -394,23 +462,23 @@ def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
     cont_positions = (mask[index].sum(-1, keepdim=True) + torch.arange(m, device=device)[None, :])
     logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions, past_key_values=cache,
                    use_cache=True).logits.float()
-    logprobs = F.log_softmax(logits, dim=-1)  # (rows, m, V): predictions of tokens 2..n
+    logprobs = F.log_softmax(logits, dim=-1)  # (rows, m, V): predictions of rest tokens 2..n
     for k, (r, j) in enumerate(rows):
-        targets = batch[r].continuations[j][1:]
-        lp = logprobs[k, : len(targets)]
+        rest, start = batch[r].rests[j], max(batch[r].offsets[j] - 1, 0)  # prediction i is of rest[i + 1]
+        targets = rest[1 + start:]
+        lp = logprobs[k, start: start + len(targets)]
         tgt = torch.tensor(targets, device=device)
         results[r][0][j] += float(lp.gather(-1, tgt[:, None]).sum())
         results[r][1][j] = results[r][1][j] and bool((lp.argmax(-1) == tgt).all())
-    return results
 
 
 def _score_full_sequences(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
                           device: torch.device) -> list[tuple[list[float], list[bool]]]:
-    """One row per (question, choice) with the whole context: for peft prompt-learning models, whose virtual
-    tokens or prefixes the cached path cannot carry."""
+    """One row per (question, choice) with its whole sequence: for peft prompt-learning models, whose virtual
+    tokens or prefixes the cached path cannot carry, and for choices that share no first token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [(r, j) for r, it in enumerate(batch) for j in range(len(it.continuations))]
-    seqs = [batch[r].context + batch[r].continuations[j] for r, j in rows]
+    rows = [(r, j) for r, it in enumerate(batch) for j in range(len(it.rests))]
+    seqs = [batch[r].prefix + batch[r].rests[j] for r, j in rows]
     t = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), t), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
@@ -420,9 +488,10 @@ def _score_full_sequences(model: torch.nn.Module, batch: list[_Item], tokenizer:
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     virtual = logits.shape[1] - t  # prompt tuning / P-tuning put virtual tokens in front
     logprobs = F.log_softmax(logits[:, virtual:], dim=-1)
-    results = [([0.0] * len(it.continuations), [True] * len(it.continuations)) for it in batch]
+    results = [([0.0] * len(it.rests), [True] * len(it.rests)) for it in batch]
     for k, (r, j) in enumerate(rows):
-        n_ctx, cont = len(batch[r].context), batch[r].continuations[j]
+        n_ctx = len(batch[r].prefix) + batch[r].offsets[j]
+        cont = seqs[k][n_ctx:]
         lp = logprobs[k, n_ctx - 1: n_ctx - 1 + len(cont)]
         tgt = torch.tensor(cont, device=lp.device)
         results[r][0][j] = float(lp.gather(-1, tgt[:, None]).sum())

@@ -37,8 +37,13 @@ def evaluate(
     window: int = 1024,
     stride: int | None = None,
     text_field: str = "text",
+    suite: str | None = None,
+    compare: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model and write ``results.json``, ``results.md`` and per-item ``records.jsonl`` to ``output``.
+
+    With ``suite``: score every benchmark of the suite instead and write a scorecard (``scorecard.md`` / ``.json`` /
+    ``.png``, error analysis per benchmark, ``records/``). With ``compare A B``: no model; two scorecards side by side.
 
     Args:
         task: ``multiple_choice`` (acc / acc_norm by log-likelihood), ``generation`` (greedy answers, exact match of
@@ -74,14 +79,28 @@ def evaluate(
         window: perplexity: tokens per window.
         stride: perplexity: tokens between window starts (default: ``window``, disjoint windows).
         text_field: perplexity: the text field of JSON records.
+        suite: A benchmark suite: ``standard`` (ARC-Easy, ARC-Challenge, HellaSwag, Winogrande, PIQA, BoolQ,
+            OpenBookQA, MMLU as lm-evaluation-harness 0.4.13 defines them) or a suite YAML; ``limit`` caps every
+            benchmark's question count.
+        compare: Two scorecard folders A B: B - A per benchmark with its standard error, and which differences are
+            inside the noise.
     """
     opts = {k: v for k, v in locals().items() if k in OPTIONS}
     out = Path(output)
+    if compare is not None:
+        if len(compare) != 2:
+            raise UserError(f"--compare takes two scorecard folders A B, got {len(compare)}: {compare}")
+        from ftframe.evaluation.scorecard import compare as compare_cards
+
+        return compare_cards(compare[0], compare[1], out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {out}: {e.strerror}") from None
     from ftframe.tools.generate import Generator
+
+    if suite is not None:
+        return _evaluate_suite(suite, model, adapter, dtype, out, limit, batch_size)
 
     # read and check the data before the (slow) model load
     items = load_items(opts, tokenizer=adapter or model)
@@ -102,6 +121,43 @@ def evaluate(
     print(_markdown(report), flush=True)
     print(f"[ftframe] evaluation written to {out} ({seconds:.1f} s)", flush=True)
     return report
+
+
+def _evaluate_suite(suite_name: str, model: str | None, adapter: str | None, dtype: Any, out: Path,
+                    limit: int | None, batch_size: int) -> dict[str, Any]:
+    from ftframe.evaluation.analysis import analysis_markdown, analyze
+    from ftframe.evaluation.benchmarks import load_suite, run_suite, suite_questions
+    from ftframe.evaluation.scorecard import write_scorecard
+    from ftframe.tools.generate import Generator
+
+    suite = load_suite(suite_name)
+    questions = suite_questions(suite, limit=limit)  # every benchmark read and checked before the model loads
+    loaded = Generator(adapter=adapter, model=model, dtype=dtype)
+    (out / "records").mkdir(exist_ok=True)
+    card: dict[str, Any] = {"suite": suite.name, "suite_file": suite.source, "model": model, "adapter": adapter,
+                            "dtype": loaded.dtype, "limit": limit, "benchmarks": {}, "questions": 0, "seconds": 0.0,
+                            "analysis": {}}
+    analyses: dict[str, str] = {}
+
+    def done(name: str, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        with open(out / "records" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        analysis = analyze(questions[name], records)
+        card["analysis"][name] = analysis
+        analyses[name] = analysis_markdown(summary["title"], analysis)
+        card["benchmarks"][name] = summary
+        card["questions"] += summary["n"]
+        card["seconds"] += summary["seconds"]
+        write_scorecard(out, card, analyses)  # after every benchmark: a crash keeps what was scored
+        print(f"[ftframe] {summary['title']}: {summary['primary_metric']} {100 * summary['primary']:.2f} ± "
+              f"{100 * summary['primary_stderr']:.2f} ({summary['n']} questions, {summary['seconds']:.0f} s)",
+              flush=True)
+
+    run_suite(loaded.model, loaded.tokenizer, suite, questions, batch_size=batch_size, on_result=done)
+    print((out / "scorecard.md").read_text().split("\n### ")[0], flush=True)
+    print(f"[ftframe] scorecard written to {out} (scorecard.md / .json / .png, records/)", flush=True)
+    return card
 
 
 def _markdown(report: dict[str, Any]) -> str:
