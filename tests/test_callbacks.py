@@ -24,9 +24,8 @@ from ftframe.errors import UserError
 from ftframe.methods import BottleneckAdapters, FullFineTune, LoRA
 from ftframe.optim import OptimizerSettings
 from tests.helpers import fit_command as _fit_cmd
-from tests.helpers import real_assets_available
+from tests.helpers import real_assets_available, tiny_trainer
 from tests.helpers import run_cli as _run
-from tests.helpers import tiny_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "Hello there, how are you? The capital of France is Paris. "

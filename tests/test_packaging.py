@@ -16,6 +16,7 @@ def test_wheel_contains_every_module(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"ftframe/{p.relative_to(ROOT / 'ftframe').as_posix()}" for p in (ROOT / "ftframe").rglob("*.py")}
     expected |= {f"ftframe/callbacks/{p.name}" for p in (ROOT / "callbacks").glob("*.py")}
+    expected |= {"ftframe/evaluation/benchmarks.yaml", "ftframe/evaluation/suites/standard.yaml"}  # data, not code
     assert expected <= names, sorted(expected - names)
     assert "ftframe/callbacks/adapter_export.py" in expected  # the callbacks/ folder was read
     # callbacks/ ships once, as ftframe.callbacks: no top-level package (a second copy of each class); no tests

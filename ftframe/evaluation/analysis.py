@@ -82,7 +82,7 @@ def analyze(questions: Sequence[MCQuestion], records: Sequence[dict[str, Any]], 
 
     # length: quartiles of the correct choice's length (characters), and the longest choice
     lengths = sorted(len(q.choices[r["gold"]]) for q, r in pairs)
-    cuts = [lengths[min(int(k * n / 4), n - 1)] for k in (1, 2, 3)]
+    cuts = [lengths[max(math.ceil(k * n / 4) - 1, 0)] for k in (1, 2, 3)]  # upper ends of Q1..Q3
 
     def quartile(length: int) -> int:
         return sum(length > c for c in cuts)

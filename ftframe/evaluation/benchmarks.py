@@ -339,7 +339,7 @@ def run_suite(model: Any, tokenizer: Any, suite: Suite, questions: dict[str, lis
     """Score every benchmark of ``suite``: name -> summary (``summarize``'s, plus ``mc2``, ``primary``, timing)."""
     import time
 
-    from ftframe.evaluation.multiple_choice import score_multiple_choice, summarize
+    from ftframe.evaluation.multiple_choice import score_multiple_choice
 
     results: dict[str, dict[str, Any]] = {}
     for run in suite.runs:

@@ -28,7 +28,7 @@ def scorecard_markdown(card: dict[str, Any]) -> str:
              f"{card['seconds']:.0f} s ({card['questions'] / max(card['seconds'], 1e-9):.1f} questions/s)\n",
              "| benchmark | split | n | metric | score ± SE | acc | acc_norm | seconds |",
              "|---|---|---:|---|---:|---:|---:|---:|"]
-    for name, r in card["benchmarks"].items():
+    for r in card["benchmarks"].values():
         lines.append(f"| {r['title']} | {r['split']} | {r['n']} | {r['primary_metric']} | {_pct(r['primary'])} ± "
                      f"{_pct(r['primary_stderr'])} | {_pct(r['acc'])} | {_pct(r['acc_norm'])} | {r['seconds']:.0f} |")
     mean = card.get("mean_primary")
