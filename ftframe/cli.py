@@ -317,7 +317,7 @@ def _download(names: str | list[str] | None = None, force: bool = False) -> None
 
     Args:
         names: Asset names; default: all of smollm2-135m-instruct, gsm8k, chatterbot, mmlu, sotu, rotten-tomatoes,
-            all-minilm-l6-v2, spam-assassin.
+            all-minilm-l6-v2, spam-assassin, benchmarks.
         force: Download again even if present.
     """
     from ftframe import assets
