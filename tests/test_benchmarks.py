@@ -235,3 +235,17 @@ def test_error_analysis_counts():
     probs = [m["confidence"] for m in a["confident_mistakes"]]
     assert probs == sorted(probs, reverse=True)
     assert {s["subject"] for s in a["subjects"]} == {"s0", "s1"}
+
+
+def test_the_suite_example_in_the_docs_parses(tmp_path):
+    import re
+
+    from tests.helpers import ROOT
+
+    page = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S) if "benchmarks:" in b]
+    (tmp_path / "my_suite.yaml").write_text(block)
+    suite = load_suite(str(tmp_path / "my_suite.yaml"))
+    assert [(r.name, r.limit, r.k_shot) for r in suite.runs] == [
+        ("arc_challenge", 300, 0), ("hellaswag", 1000, 0), ("mmlu", 300, 5), ("truthfulqa_mc2", 300, 0)]
+    assert suite.runs[2].sample == 500 and suite.runs[3].data == "data/truthful_qa_mc.jsonl"
