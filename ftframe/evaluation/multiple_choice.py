@@ -434,8 +434,10 @@ def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
     groups: list[list[tuple[int, int]]] = [[]]
     for rj in rows:
         group = groups[-1]
-        if group and 4 * (len(batch[rj[0]].rests[rj[1]]) - 1) < 3 * (len(batch[group[0][0]].rests[group[0][1]]) - 1):
-            groups.append([rj])  # under 3/4 of the group's longest: start a new group
+        length = len(batch[rj[0]].rests[rj[1]]) - 1
+        longest = len(batch[group[0][0]].rests[group[0][1]]) - 1 if group else 0
+        if group and 4 * length < 3 * longest and longest - length >= 16:
+            groups.append([rj])  # under 3/4 of the group's longest and 16+ tokens shorter: a pass of its own pays
         else:
             group.append(rj)
     for k, group in enumerate(groups):
