@@ -201,7 +201,7 @@ def data_path(bench: Benchmark, data: str | None = None) -> Path:
 def load_docs(name: str, data: str | None = None, limit: int | None = None,
               sample: int | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The raw records of benchmark ``name`` with where each is (``file:line``): the first ``limit``, or ``sample``
-    spread evenly through the file (then at most ``limit`` of those)."""
+    spread evenly through the file (``min(sample, limit)`` when both are given)."""
     bench = benchmark(name)
     path = data_path(bench, data)
     docs: list[tuple[str, dict[str, Any]]] = []
@@ -220,10 +220,8 @@ def load_docs(name: str, data: str | None = None, limit: int | None = None,
                 break
     if not docs:
         raise UserError(f"{path}: no records for benchmark {name!r}")
-    if sample is not None:
-        docs = sample_evenly(docs, sample)  # type: ignore[arg-type]
-        if limit is not None:
-            docs = docs[:limit]
+    if sample is not None:  # a lower limit samples fewer, still spread over the whole file
+        docs = sample_evenly(docs, min(sample, limit) if limit is not None else sample)  # type: ignore[arg-type]
     return docs
 
 
