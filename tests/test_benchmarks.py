@@ -91,8 +91,28 @@ def test_missing_asset_and_missing_data_say_what_to_do(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def test_partial_scoring_scores_the_shared_continuation_after_each_choice(tiny):
+@pytest.fixture(params=["packed-sdpa", "packed-eager", "padded"])
+def scoring_path(request, tiny, monkeypatch):
+    """The tiny model on each scoring path: packed rows under sdpa's boolean and eager's additive masks, and the
+    left-padded path that models without a 4D-mask attention take."""
+    from ftframe.evaluation import multiple_choice
+
     model, tok = tiny
+    model.set_attn_implementation("eager" if request.param == "packed-eager" else "sdpa")
+    if request.param == "padded":
+        monkeypatch.setattr(multiple_choice, "_packable", lambda *_: False)
+    else:
+        monkeypatch.setattr(multiple_choice, "_pack_pays", lambda *_: True)
+    calls = []
+    packed = multiple_choice._score_packed
+    monkeypatch.setattr(multiple_choice, "_score_packed", lambda *a: calls.append(1) or packed(*a))
+    yield model, tok
+    assert bool(calls) == request.param.startswith("packed")  # the path under test is the path taken
+    model.set_attn_implementation("sdpa")
+
+
+def test_partial_scoring_scores_the_shared_continuation_after_each_choice(scoring_path):
+    model, tok = scoring_path
     qs = [MCQuestion(f"w{i}", "", (f"The cat sat on the {a}", f"The cat sat on the {b} and then"), i % 2,
                      continuation="because it was warm" + " there" * i)
           for i, (a, b) in enumerate([("mat", "rug"), ("chair", "big red sofa"), ("floor", "bed")])]
@@ -104,15 +124,42 @@ def test_partial_scoring_scores_the_shared_continuation_after_each_choice(tiny):
             assert rec["pred"] == max(range(2), key=lambda i: expected[i])
 
 
-def test_choices_of_very_different_lengths_score_as_a_plain_forward(tiny):
-    """Rows of the cached pass are grouped by length; every group must give the plain per-choice numbers."""
-    model, tok = tiny
+@pytest.mark.parametrize("pack_tokens", [512, 24])
+def test_choices_of_very_different_lengths_score_as_a_plain_forward(scoring_path, pack_tokens, monkeypatch):
+    """Padded rows of the cached pass are grouped by length, packed rows hold several questions (with 24 tokens,
+    one question a row, some rows padded): every way must give the plain per-choice numbers."""
+    from ftframe.evaluation import multiple_choice
+
+    monkeypatch.setattr(multiple_choice, "PACK_TOKENS", pack_tokens)
+    model, tok = scoring_path
     choices = ("no", "a somewhat longer answer here", "word " * 30, "an answer of middling length, yes", "x " * 12)
-    qs = [MCQuestion(f"l{i}", "Question: what now" + "?" * i, choices, i % 5) for i in range(5)]
+    qs = [MCQuestion(f"l{i}", "Question: what now" + "?" * i * 7, choices, i % 5) for i in range(5)]
     records = score_multiple_choice(model, tok, qs, FORMATS["continuation"], batch_size=5, progress=False).records
     for q, rec in zip(qs, records, strict=True):
         ctx = FORMATS["continuation"].context(q)
         assert rec["loglikelihoods"] == pytest.approx([_naive(model, tok, ctx, " " + c) for c in q.choices], abs=2e-4)
+
+
+def test_questions_pack_into_few_rows(monkeypatch):
+    from ftframe.evaluation import multiple_choice
+    from ftframe.evaluation.multiple_choice import _Item, _pack_rows
+
+    monkeypatch.setattr(multiple_choice, "PACK_TOKENS", 512)
+
+    items = [_Item(i, [1] * n, [[2, 3, 4]] * 4, [0] * 4, [3] * 4) for i, n in enumerate([100, 300, 50, 400, 20])]
+    rows = _pack_rows(items)  # costs 108, 308, 58, 408, 28 tokens into rows of 512
+    assert sorted(sorted(r) for r in rows) == [[0, 1], [2, 3, 4]]  # first fit, longest first
+    assert [len(r) for r in _pack_rows([_Item(0, [1] * 900, [[2, 3]], [0], [2])])] == [1]  # longer than a row
+
+
+def test_packing_is_chosen_where_padding_would_cost_more():
+    from ftframe.evaluation.multiple_choice import _Item, _pack_pays
+
+    even = [_Item(i, [1] * 150, [[2], [3]], [0, 0], [1, 1]) for i in range(8)]  # BoolQ-like: nothing to unpad
+    assert not _pack_pays(even)
+    ragged = [_Item(i, [1] * (10 + 12 * i), [[2] * (1 + 9 * (j % 3)) for j in range(4)], [0] * 4, [1] * 4)
+              for i in range(8)]  # ARC-like: contexts and choices of many lengths
+    assert _pack_pays(ragged)
 
 
 def test_mc2_is_the_probability_mass_of_the_true_answers():
