@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -88,6 +89,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             raise UserError(f"AdapterCheckpoint: {e}") from e
         self.dirpath = Path(self.dirpath) if self.dirpath else None  # (a Path: ftframe's CLI joins it)
         self.ranked_by = monitor  # the user's monitor, recorded in ftframe.json
+        self.write_seconds = 0.0  # time spent writing checkpoints in this process
         self.save_on_train_end = save_on_train_end
         self._last_only = ""  # the newest folder, kept only as the last (not ranked among the top-k)
         self._at_step = self._deferred = False  # (see _monitor_candidates)
@@ -233,8 +235,10 @@ class AdapterCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         """Write the folder of ``filepath`` (``<dirpath>/step=N/resume.ckpt``). Collective; rank 0 writes. A signal's
         grace period does not abandon it (``GracefulStop``): stopping would mean writing it again."""
+        start = time.monotonic()
         with uninterrupted():
             self._write_checkpoint(trainer, filepath)
+        self.write_seconds += time.monotonic() - start  # the run summary's checkpointing time
 
     def _write_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         pl_module = trainer.lightning_module

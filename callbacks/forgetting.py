@@ -146,6 +146,7 @@ class ForgettingMonitor(Callback):
         # state (saved in checkpoints)
         self.baseline: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
+        self.measure_seconds = 0.0  # time spent measuring in this process (the run summary's)
         self.validations = 0
         self.initial_weights: dict[str, torch.Tensor] | None = None
         # built in setup
@@ -382,6 +383,7 @@ class ForgettingMonitor(Callback):
         if self._questions and float(sums[4]) > 0:
             out["probe_acc"] = float(sums[3] / sums[4])
         out["seconds"] = time.perf_counter() - start
+        self.measure_seconds += out["seconds"]
         parts = [f"{k}={v:.4f}" for k, v in out.items() if k != "seconds"]
         rank_zero_info(f"[ftframe] forgetting ({when}): {', '.join(parts)} in {out['seconds']:.1f}s")
         return out

@@ -38,6 +38,7 @@ from ftframe.callbacks import (
 )
 from ftframe.callbacks.adapter_checkpoint import LAST_LINK, RESUME_FILE, resolve_resume_path
 from ftframe.callbacks.graceful_stop import Preempted
+from ftframe.callbacks.run_summary import RunSummary
 from ftframe.device import Trainer, is_rank_zero, plan_for
 from ftframe.errors import UserError
 from ftframe.methods.base import FineTuneModule
@@ -45,10 +46,36 @@ from ftframe.methods.base import FineTuneModule
 __all__ = ["FTFrameCLI", "main"]
 
 DESCRIPTION = """ftframe: fine-tune LLMs with PyTorch Lightning.
-Training subcommands: fit, validate, test, predict (below).
-Tools: `ftframe generate --help`, `ftframe evaluate --help`, `ftframe merge --help`, `ftframe export --help`,
-`ftframe download --help`, `ftframe compare --help`, `ftframe make-preferences --help`, `ftframe tune --help`.
+Training subcommands: fit, validate, test, predict (below). Every command: `ftframe --help`.
 Quickstart: `ftframe download && ftframe fit --config configs/quickstart.yaml`."""
+
+#: every ``ftframe`` command with its one line for ``ftframe --help`` (tests/test_cli.py checks it lists them all)
+COMMANDS: dict[str, str] = {
+    "fit": "train a method on a data module from YAML configs (LightningCLI): ftframe fit --config RUN.yaml",
+    "validate": "the validation loss / metrics of a model or checkpoint on a run's data",
+    "test": "the test split's metrics (a classifier also writes its error analysis)",
+    "predict": "predictions of a trained model on a run's data",
+    "inspect-data": "what training would learn from: counts, supervised tokens, the first example (no training)",
+    "tune": "hyperparameter search over any config key, each trial an ftframe fit, pruned by step",
+    "compare": "one data configuration through several methods with the same budget: table + chart",
+    "evaluate": "benchmarks (MMLU, ARC, HellaSwag, ... or a suite: scorecard), generation, perplexity, loss",
+    "generate": "answer prompts with a base model, an adapter or a merged folder",
+    "merge": "fold an adapter into its base (a plain transformers folder), or combine LoRA adapters",
+    "export": "write a GGUF file (f32 / f16 / bf16 / q8_0) and check that it round-trips",
+    "make-preferences": "sample answers and rank them into chosen / rejected pairs for preference tuning",
+    "download": "put the default model, datasets and benchmarks into the local cache (offline afterwards)",
+}
+
+
+def help_page() -> str:
+    """``ftframe --help``: every command with its line."""
+    width = max(len(name) for name in COMMANDS) + 2
+    lines = ["usage: ftframe COMMAND [OPTIONS]   (ftframe COMMAND --help for a command's options)", "",
+             "ftframe: fine-tune LLMs with PyTorch Lightning. Commands:", ""]
+    lines += [f"  {name.ljust(width)}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "Options for every command: --debug (tracebacks and library warnings).",
+              "Quickstart: ftframe download && ftframe fit --config configs/quickstart.yaml"]
+    return "\n".join(lines)
 
 
 def _set_config_key(config: Any, key: str, value: Any, where: str) -> Any:
@@ -125,6 +152,9 @@ class FTFrameCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterExport, "adapter")
         parser.add_argument("--validate_before_fit", type=bool, default=False,
                             help="fit only: run validation before training and print the loss before/after")
+        parser.add_argument("--progress_interval", type=float, default=30.0,
+                            help="seconds between two progress lines when stdout is not a terminal (a log file); in "
+                                 "a terminal a bar shows the same fields")
         parser.add_argument("--when_precision", type=dict[str, dict[str, Any]] | None, default=None,
                             help="settings that apply only when trainer.precision (auto: resolved from the device) is "
                                  "a given value, e.g. {32-true: {trainer.max_steps: 30}}: keys are precisions, values "
@@ -137,6 +167,7 @@ class FTFrameCLI(LightningCLI):
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._apply_when_precision(config)
+        self._flush_csv_with_logging(config)
         task = config.get("model.init_args.task")
         if not task or "labels" not in (task.get("init_args") or {}):
             return
@@ -177,6 +208,43 @@ class FTFrameCLI(LightningCLI):
             if is_rank_zero():
                 print(f"[ftframe] precision {plan.precision}: {key} = {value} (was {before}; from when_precision)",
                       flush=True)
+
+    @staticmethod
+    def _flush_csv_with_logging(config: Any) -> None:
+        """A CSVLogger writes its file every ``flush_logs_every_n_steps`` (Lightning: 100): unless set, every
+        ``trainer.log_every_n_steps``, so that a crash loses at most one logging interval."""
+        from jsonargparse import Namespace
+
+        logger = config.get("trainer.logger")
+        every = config.get("trainer.log_every_n_steps") or 50
+        for item in logger if isinstance(logger, list) else [logger]:
+            if str(getattr(item, "class_path", "")).rsplit(".", 1)[-1] != "CSVLogger":
+                continue
+            if getattr(item, "init_args", None) is None:
+                item.init_args = Namespace()
+            if item.init_args.get("flush_logs_every_n_steps") in (None, 100):  # 100: Lightning's default
+                item.init_args["flush_logs_every_n_steps"] = every
+
+    def _set_up_progress(self) -> None:
+        """Lightning's default bar -> ftframe's: plain lines every ``progress_interval`` seconds when stdout is not a
+        terminal (a log file), the rich bar with the same fields in a terminal. A bar the config names stays."""
+        from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+        from ftframe import progress
+        from ftframe.callbacks.progress import LineProgressBar, RichTrainingBar
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        interval = config.get("progress_interval")
+        interval = 30.0 if interval is None else float(interval)
+        os.environ["FTFRAME_PROGRESS_INTERVAL"] = str(interval)  # the forgetting measurement's and tools' bars too
+        callbacks = self.trainer.callbacks
+        for i, cb in enumerate(callbacks):
+            if type(cb) not in (RichProgressBar, TQDMProgressBar) or not isinstance(cb, ProgressBar):
+                continue
+            named = [str(getattr(c, "class_path", "")) for c in (config.get("trainer.callbacks") or [])]
+            if any(name.endswith(type(cb).__name__) for name in named):
+                continue
+            callbacks[i] = LineProgressBar(interval_s=interval) if progress.use_lines() else RichTrainingBar()
 
     def instantiate_classes(self) -> None:
         """Build everything; a strategy Lightning refuses here (FSDP on a CPU, DeepSpeed missing) becomes a UserError."""
@@ -224,6 +292,7 @@ class FTFrameCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path()
+        self._set_up_progress()
 
     def _add_report(self) -> None:
         """A classifier's test / predict writes its error analysis unless the config already has a report."""
@@ -234,10 +303,12 @@ class FTFrameCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._resolve_ckpt_path()
+        self._set_up_progress()
         self._add_report()
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
+        self._set_up_progress()
         self._add_report()
 
     def before_fit(self) -> None:
@@ -248,24 +319,34 @@ class FTFrameCLI(LightningCLI):
         self.trainer.callbacks[:] = [*stops, *(cb for cb in self.trainer.callbacks if cb not in stops)]
         if not any(isinstance(cb, NonFiniteGuard) for cb in self.trainer.callbacks):
             self.trainer.callbacks.insert(0, NonFiniteGuard())  # inf / NaN steps skipped, too many stop training
+        self._set_up_progress()
+        summaries = [cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)]
+        self._summary = summaries[0] if summaries else RunSummary()
+        if not summaries:  # first: its validation timer stops before other callbacks measure forgetting there
+            self.trainer.callbacks.insert(0, self._summary)
         self._val_before = None
         if self.config[self.subcommand].get("validate_before_fit"):
             self._val_before = self._validate("before training")
+            self._summary.val_before = self._val_before
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
+            self._summary.finish(self.trainer, stopped="interrupted")
             return
         # a callback that needs the final step's validation (ftframe tune's TrialReporter) asks for it
         wanted = any(getattr(cb, "wants_final_validation", None) and cb.wants_final_validation(self.trainer)
                      for cb in self.trainer.callbacks)
-        if self._val_before is None and not wanted:
-            return
-        after = self._validate("after training")
-        if self.trainer.is_global_zero and self._val_before and after:
-            for key, before in self._val_before.items():
-                if key in after:
-                    change = (f"ratio {after[key] / before:.3f}" if before else f"change {after[key] - before:+.4f}")
-                    print(f"[ftframe] {key}: before {before:.4f} -> after {after[key]:.4f} ({change})", flush=True)
+        if self._val_before is not None or wanted:
+            after = self._validate("after training")
+            self._summary.val_after = after
+            if self.trainer.is_global_zero and self._val_before and after:
+                for key, before in self._val_before.items():
+                    if key in after:
+                        change = (f"ratio {after[key] / before:.3f}" if before
+                                  else f"change {after[key] - before:+.4f}")
+                        print(f"[ftframe] {key}: before {before:.4f} -> after {after[key]:.4f} ({change})",
+                              flush=True)
+        self._summary.finish(self.trainer)
 
     def _validate(self, when: str) -> dict[str, float]:
         if self.trainer.is_global_zero:
@@ -342,14 +423,41 @@ def _tools() -> dict[str, Callable[[list[str]], Any]]:
             "make-preferences": lazy("ftframe.tools.make_preferences", "make_preferences", "make-preferences")}
 
 
+class _DropMessages:
+    """A logging filter dropping records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        self.prefixes = prefixes
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(self.prefixes)
+
+
 def _quiet_third_party() -> None:
-    """Hide messages that are noise for ftframe users (deprecations inside libraries, optional hub kernels)."""
+    """Hide messages a user cannot act on (deprecations inside libraries, advertising, optional hub kernels);
+    ``--debug`` leaves them all in."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    # peft checks whether a base *name* has a config on the hub; ftframe's bases are local (asset, folder, .gguf)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary")
     # bitsandbytes looks for optional CPU kernels on the Hugging Face Hub; offline they are never there
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Lightning advertises its cloud logger and checkpoints at every start; two of its own deprecations and a note
+    # on its model summary's size estimate are Lightning's to fix
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropMessages("💡 Tip"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+    from ftframe import progress
+
+    if progress.use_lines():  # transformers' loading / writing bars are carriage-return redraws: noise in a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    # transformers 5 renamed past_key_values; ftframe passes the new name, the models' own generate() the old one
+    logging.getLogger("transformers.utils.generic").addFilter(_DropMessages("`past_key_values`/`cache_params`"))
 
 
 def _user_error_in(error: BaseException) -> UserError | None:
@@ -536,16 +644,20 @@ def inspect_data(argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None, commands: dict[str, Any] | None = None) -> None:
     """The ``ftframe`` command. ``commands``: subcommands from the layer above (``ftframe tune``, given by
     ``ftframe.__main__``, the console script's entry point), run with this function's error handling."""
-    _quiet_third_party()
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FTFRAME_DEBUG") == "1"
+    if not debug:
+        _quiet_third_party()
     argv = [a for a in argv if a != "--debug"]
     if "--strict" in argv and argv and argv[0] in ("fit", "validate", "test", "predict", "inspect-data"):
         # every skip-with-count of the data becomes an error (the data module's strict option)
         argv = [a if a != "--strict" else "--data.strict=true" for a in argv]
     if from_sys:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself; hand it the arguments without --debug
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(help_page())
+        return
     try:
         tools = _tools()
         if argv and argv[0] in (commands or {}):

@@ -5,6 +5,7 @@ resumes to the uninterrupted run's adapter bit for bit (tests.probes.SignalAt se
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shlex
@@ -91,6 +92,11 @@ def test_sigterm_stops_in_seconds_with_a_checkpoint_and_resumes_bit_identically(
     assert "validation after training" not in out
     if during == "forgetting":
         assert "forgetting (step 4): stopped by a signal" in out, out[-3000:]
+    # the run summary says so too, on stdout and in summary.json, with the same resume command
+    summary = json.loads((run / "summary.json").read_text())
+    assert "[ftframe] run summary" in proc.stdout and f"stopped by SIGTERM after step {stopped}" in proc.stdout
+    assert summary["finished"] is False and summary["step"] == stopped
+    assert summary["resume"] and shlex.split(summary["resume"])[1:] == _resume_command(proc)[3:]
     resumed = run_cli(_resume_command(proc))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_adapters(uninterrupted / "adapter", run / "adapter")

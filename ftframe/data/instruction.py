@@ -312,7 +312,7 @@ class InstructionDataModule(LightningDataModule):
         return data
 
     def _tokenize(self, files: list[str]) -> dict[str, torch.Tensor]:
-        from tqdm.auto import tqdm
+        from ftframe.progress import bar as progress_bar
 
         tok = self._get_tokenizer()
         template = self._resolved_template()
@@ -323,7 +323,7 @@ class InstructionDataModule(LightningDataModule):
         seen_ids: dict[Any, str] = {}
         duplicates: list[str] = []
         for name in files:
-            for rec in tqdm(read_records(name), desc=f"tokenizing {name}", unit=" rec", mininterval=2,
+            for rec in progress_bar(read_records(name), desc=f"tokenizing {name}", unit=" rec", mininterval=2,
                             disable=not _is_rank_zero()):
                 rid = rec.data.get("id")
                 if isinstance(rid, (str, int)) and not isinstance(rid, bool):

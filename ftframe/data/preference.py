@@ -192,14 +192,14 @@ class PreferenceDataModule(InstructionDataModule):
         return check_messages(rec, field, value, roles)
 
     def _tokenize(self, files: list[str]) -> dict[str, torch.Tensor]:
-        from tqdm.auto import tqdm
+        from ftframe.progress import bar as progress_bar
 
         template = self._resolved_template()
         ids_all: list[list[int]] = []
         labels_all: list[list[int]] = []
         status: list[int] = []
         for name in files:
-            for rec in tqdm(read_records(name), desc=f"tokenizing {name}", unit=" pair", mininterval=2,
+            for rec in progress_bar(read_records(name), desc=f"tokenizing {name}", unit=" pair", mininterval=2,
                             disable=not _is_rank_zero()):
                 prompt = self._messages(rec, "prompt", ROLES)
                 if prompt[-1]["role"] == "assistant":

@@ -101,10 +101,10 @@ def evaluate_generation(
         raise UserError("chat: true, but the tokenizer has no chat template")
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    from tqdm import tqdm
+    from ftframe.progress import bar as progress_bar
 
     out: list[dict[str, Any]] = []
-    bar = tqdm(total=len(records), desc="[ftframe] generation", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(records), desc="[ftframe] generation", unit="prompt", disable=not progress)
     try:
         with scoring_mode(model) as device:
             for start in range(0, len(records), batch_size):

@@ -71,12 +71,12 @@ def perplexity(
     """
     windows, n_bytes = text_windows(tokenizer, texts, max_length, stride)
     stride = stride or max_length
-    from tqdm import tqdm
+    from ftframe.progress import bar as progress_bar
 
     nll, count = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with scoring_mode(model) as device:
-        for i in tqdm(range(0, len(windows), batch_size), desc="[ftframe] perplexity", unit="batch",
+        for i in progress_bar(range(0, len(windows), batch_size), desc="[ftframe] perplexity", unit="batch",
                       disable=not progress):
             chunk = windows[i:i + batch_size]
             ids, mask = pad_windows(chunk, pad)

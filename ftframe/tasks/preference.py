@@ -183,9 +183,8 @@ class Preference(Task):
 
     @torch.no_grad()
     def _precompute(self, module: Any) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
         from ftframe.device import is_rank_zero
+        from ftframe.progress import bar as progress_bar
 
         datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "reference_dataloaders"):
@@ -196,7 +195,7 @@ class Preference(Task):
         was_training = model.training
         model.eval()  # the reference is deterministic: no dropout
         try:
-            bar = tqdm(total=sum(len(loader) for loader in loaders), desc="reference log-probabilities", unit=" batch",
+            bar = progress_bar(total=sum(len(loader) for loader in loaders), desc="reference log-probabilities", unit=" batch",
                        mininterval=2, disable=not is_rank_zero())
             for loader in loaders:
                 for batch in loader:

@@ -131,7 +131,7 @@ class ComparisonProbe(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "predict_dataloader"):
             return None
-        from tqdm import tqdm
+        from ftframe.progress import bar as progress_bar
 
         model, task, tokenizer = pl_module.model, pl_module.task, pl_module.tokenizer  # type: ignore[union-attr]
         was_training = model.training
@@ -141,7 +141,7 @@ class ComparisonProbe(Callback):
         correct = seen = 0
         started = time.perf_counter()
         records = []
-        bar = tqdm(total=self.metric_examples, desc="[ftframe compare] task metric", unit="prompt", file=sys.stderr)
+        bar = progress_bar(total=self.metric_examples, desc="[ftframe compare] task metric", unit="prompt", file=sys.stderr)
         try:
             for batch in datamodule.predict_dataloader():
                 batch = {k: v[: self.metric_examples - seen].to(pl_module.device) for k, v in batch.items()}

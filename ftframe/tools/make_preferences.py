@@ -98,9 +98,8 @@ def make_preferences(
         dtype: dtype to load the model in; ``auto``: float32 on a CPU.
         seed: Random seed of the sampling and of which wrong answers are kept.
     """
-    from tqdm.auto import tqdm
-
     from ftframe.evaluation.generation import extract_answer, load_generation_records
+    from ftframe.progress import bar as progress_bar
     from ftframe.tools.generate import Generator
 
     if samples < 1 or pairs_per_question < 1 or batch_size < 1:
@@ -119,7 +118,7 @@ def make_preferences(
     tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
     counts = {"questions": 0, "pairs": 0, "questions_all_correct": 0, "questions_all_wrong": 0,
               "chosen_sampled": 0, "chosen_reference": 0, "samples_correct": 0, "samples": 0}
-    bar = tqdm(total=len(records), desc="[ftframe] sampling answers", unit=" question")
+    bar = progress_bar(total=len(records), desc="[ftframe] sampling answers", unit=" question")
     with open(tmp, "w", encoding="utf-8") as f, torch.inference_mode():
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
