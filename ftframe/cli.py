@@ -131,6 +131,10 @@ class FTFrameCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("trainer_class", Trainer)  # Lightning's, with precision: auto (ftframe.device)
+        given = sys.argv[1:] if args is None else args
+        # options given as flags: a when_precision setting does not override them
+        self._flag_keys = {a[2:].split("=", 1)[0].replace(".init_args.", ".") for a in given
+                           if isinstance(a, str) and a.startswith("--")}
         super().__init__(
             FineTuneModule,
             LightningDataModule,
@@ -166,7 +170,7 @@ class FTFrameCLI(LightningCLI):
         (A jsonargparse instantiation link cannot do the labels: the task is optional, and ``None`` has no ``labels``.)
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._apply_when_precision(config)
+        self._apply_when_precision(config, getattr(self, "_flag_keys", set()))
         self._flush_csv_with_logging(config)
         task = config.get("model.init_args.task")
         if not task or "labels" not in (task.get("init_args") or {}):
@@ -194,7 +198,7 @@ class FTFrameCLI(LightningCLI):
         task.init_args.labels = data_labels
 
     @staticmethod
-    def _apply_when_precision(config: Any) -> None:
+    def _apply_when_precision(config: Any, flags: set[str] | frozenset[str] = frozenset()) -> None:
         per_precision = config.get("when_precision") or {}
         if not per_precision:
             return
@@ -204,6 +208,11 @@ class FTFrameCLI(LightningCLI):
         if unknown:
             raise UserError(f"when_precision: {unknown} are not precisions; use keys from {sorted(known)}")
         for key, value in (per_precision.get(plan.precision) or {}).items():
+            if key.replace(".init_args.", ".") in flags:
+                if is_rank_zero():
+                    print(f"[ftframe] precision {plan.precision}: {key} = {config.get(key)} kept (given as a flag; "
+                          f"when_precision would set {value})", flush=True)
+                continue
             before = _set_config_key(config, key, value, f"when_precision.{plan.precision}")
             if is_rank_zero():
                 print(f"[ftframe] precision {plan.precision}: {key} = {value} (was {before}; from when_precision)",

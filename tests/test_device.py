@@ -168,10 +168,16 @@ def test_when_precision_applies_the_settings_of_the_resolved_precision(tiny_mode
             "--trainer.max_steps=60", "--data.train_files=x.jsonl"]
     monkeypatch.setenv(device.CPU_BF16_ENV, "slow")
     cli = FTFrameCLI(args=args, run=False)
-    assert cli.trainer.max_steps == 7 and cli.datamodule.max_length == 96
-    assert "precision 32-true: trainer.max_steps = 7 (was 60; from when_precision)" in capsys.readouterr().out
+    assert cli.trainer.max_steps == 60 and cli.datamodule.max_length == 96  # a flag wins over when_precision
+    out = capsys.readouterr().out
+    assert "precision 32-true: trainer.max_steps = 60 kept (given as a flag; when_precision would set 7)" in out
+    assert "precision 32-true: data.init_args.max_length = 96 (was" in out
+    without_flag = [a for a in args if not a.startswith("--trainer.max_steps")]
+    cli = FTFrameCLI(args=without_flag, run=False)
+    assert cli.trainer.max_steps == 7
+    assert "precision 32-true: trainer.max_steps = 7 (was -1; from when_precision)" in capsys.readouterr().out
     monkeypatch.setenv(device.CPU_BF16_ENV, "fast")
-    cli = FTFrameCLI(args=args, run=False)
+    cli = FTFrameCLI(args=without_flag, run=False)
     assert cli.trainer.max_steps == 11 and cli.datamodule.max_length != 96
 
 

@@ -338,9 +338,9 @@ def score_multiple_choice(
             result.truncated += 1
         items.append(item)
 
-    from tqdm import tqdm
+    from ftframe.progress import bar as progress_bar
 
-    bar = tqdm(total=len(items), desc="[ftframe] multiple choice", unit="question", disable=not progress)
+    bar = progress_bar(total=len(items), desc="[ftframe] multiple choice", unit="question", disable=not progress)
     scores: dict[int, tuple[list[float], list[bool]]] = {}
     try:
         with scoring_mode(model) as device:
@@ -397,6 +397,16 @@ def _accepts(model: torch.nn.Module, argument: str) -> bool:
         return False
 
 
+def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The key/value cache as the model's forward names it: ``cache`` (transformers 5.2x), else ``past_key_values``."""
+    return {"cache" if _accepts(model, "cache") else "past_key_values": cache}
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def _uses_prompt_learning(model: torch.nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(config is not None and getattr(config, "is_prompt_learning", False))
@@ -431,7 +441,7 @@ def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
     #    groups of similar length, so a few long choices do not pad every short one
     groups = _length_groups(batch)
     for k, group in enumerate(groups):
-        cache = out.past_key_values if k == len(groups) - 1 else copy.deepcopy(out.past_key_values)
+        cache = _cache_of(out) if k == len(groups) - 1 else copy.deepcopy(_cache_of(out))
         _score_rests(model, batch, group, cache, mask, pad, device, results)
     return results
 
@@ -468,8 +478,8 @@ def _score_rests(model: torch.nn.Module, batch: list[_Item], rows: list[tuple[in
     cont, cont_mask = cont.to(device), cont_mask.to(device)
     full_mask = torch.cat([mask[index], cont_mask], dim=1)
     cont_positions = (mask[index].sum(-1, keepdim=True) + torch.arange(m, device=device)[None, :])
-    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions, past_key_values=cache,
-                   use_cache=True).logits.float()
+    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions, use_cache=True,
+                   **_cache_kwarg(model, cache)).logits.float()
     logprobs = F.log_softmax(logits, dim=-1)  # (rows, m, V): predictions of rest tokens 2..n
     for k, (r, j) in enumerate(rows):
         rest, start = batch[r].rests[j], max(batch[r].offsets[j] - 1, 0)  # prediction i is of rest[i + 1]
@@ -614,7 +624,7 @@ def _score_packed(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
     allowed2 = torch.cat([seq2[:, :, None] == seq[:, None, :], own], dim=2)  # (B, l2, l1 + l2)
     keep2 = sorted({c + i for _, _, _, c, targets in scored for i in range(len(targets))})
     logits = model(input_ids=ids2.to(device), attention_mask=_attention_mask(allowed2, model, device),
-                   position_ids=pos2.to(device), past_key_values=out.past_key_values, use_cache=True,
+                   position_ids=pos2.to(device), use_cache=True, **_cache_kwarg(model, _cache_of(out)),
                    logits_to_keep=torch.tensor(keep2, device=device)).logits.float()
     logprobs = F.log_softmax(logits, dim=-1)  # (B, len(keep2), V)
     column2 = {c: k for k, c in enumerate(keep2)}
