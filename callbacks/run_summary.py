@@ -46,15 +46,11 @@ class RunSummary(Callback):
         self.val_before: dict[str, float] | None = None
         self.val_after: dict[str, float] | None = None
         self.validation_seconds = 0.0
-        self._fit_start: float | None = None
+        self._fit_start: float | None = time.monotonic()  # the CLI makes it just before fit's validations
         self._val_start: float | None = None
         self.written: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ timing
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self._fit_start is None:
-            self._fit_start = time.monotonic()
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stats.on_train_start(trainer)
 
