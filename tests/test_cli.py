@@ -37,6 +37,11 @@ def test_every_config_parses_and_instantiates(path, tiny_model):
         gate = EvalGate.from_file(path)
         assert gate.evaluations and f"--eval configs/eval/{path.name}" in first
         return
+    if path.parent.name == "prompts":  # a prompt format (ftframe evaluate --prompt_format), not a training config
+        from ftframe.evaluation import load_prompt_format
+
+        assert load_prompt_format(path).question and f"--prompt_format configs/prompts/{path.name}" in first
+        return
     if path.name.endswith("_space.yaml"):  # an ftframe tune search space, checked against the run it names
         from ftframe.tune import _parse_run, check_space, load_space
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import real_assets_available
+from tests.helpers import ROOT, real_assets_available
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,18 +34,27 @@ def run_lm_eval(task_dir, task: str, folder: str, batch_size: int = 8):
     return lls, out["results"][task]
 
 
-# the letter format is MMLU's benchmark prompt: test_every_benchmark_scores_as_lm_eval_defines_it[mmlu] checks it
-@pytest.mark.parametrize("fmt", ["continuation"])
+# the letter format is MMLU's benchmark prompt: test_every_benchmark_scores_as_lm_eval_defines_it[mmlu] checks it;
+# the YAML format is lm-eval's mmlu_continuation prompt as data, exported to lm-eval as Jinja
+@pytest.mark.parametrize("fmt", ["continuation", "configs/prompts/mmlu_continuation.yaml"])
 def test_same_predictions_and_accuracy_as_lm_eval(fmt, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from ftframe.evaluation import load_questions, sample_evenly, score_multiple_choice, summarize
+    from ftframe.evaluation import (
+        load_questions,
+        resolve_prompt_format,
+        sample_evenly,
+        score_multiple_choice,
+        summarize,
+    )
     from ftframe.evaluation.harness import write_lm_eval_task, write_questions
     from ftframe.models import resolve_model
     from ftframe.tools.generate import Generator
 
     questions = sample_evenly(load_questions("mmlu"), N)
     assert len({q.subject for q in questions}) >= 50
+    if fmt.endswith(".yaml"):
+        fmt = resolve_prompt_format(str(ROOT / fmt))
     task = write_lm_eval_task(tmp_path, fmt, write_questions(questions, tmp_path / "questions.jsonl"))
     theirs, their_metrics = run_lm_eval(tmp_path, task, resolve_model(MODEL))
 

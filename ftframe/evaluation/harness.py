@@ -11,9 +11,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ftframe.evaluation.multiple_choice import MCQuestion
+from ftframe.evaluation.multiple_choice import MCQuestion, PromptFormat
 
-__all__ = ["LM_EVAL_TASKS", "write_lm_eval_benchmark", "write_lm_eval_task", "write_questions"]
+__all__ = ["LM_EVAL_TASKS", "prompt_format_task", "write_lm_eval_benchmark", "write_lm_eval_task", "write_questions"]
 
 _COMMON = """dataset_path: json
 dataset_kwargs:
@@ -48,17 +48,59 @@ def write_questions(questions: Sequence[MCQuestion], path: str | Path) -> Path:
     return path
 
 
-def write_lm_eval_task(folder: str | Path, fmt: str, data: str | Path) -> str:
+def write_lm_eval_task(folder: str | Path, fmt: str | PromptFormat, data: str | Path, n_choices: int = 4) -> str:
     """Write the lm-eval task YAML for ``fmt`` over the JSONL ``data`` into ``folder``; returns the task name.
 
-    The ``letter`` task assumes four choices (MMLU).
+    ``fmt``: a built-in name (the ``letter`` task assumes four choices, MMLU) or a :class:`PromptFormat` (a YAML
+    one included), whose templates become lm-eval's Jinja ``description`` / ``doc_to_text`` / ``doc_to_choice`` and
+    its ``target_delimiter`` / ``fewshot_delimiter``; a continuation of ``{letter}`` scores ``n_choices`` letters.
     """
-    name = f"ftframe_{fmt}"
+    name = f"ftframe_{fmt if isinstance(fmt, str) else fmt.name}"
+    body = LM_EVAL_TASKS[fmt] if isinstance(fmt, str) else prompt_format_task(fmt, n_choices)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.yaml").write_text(f"task: {name}\n" + _COMMON.format(data=json.dumps(str(Path(data).resolve())))
-                                         + LM_EVAL_TASKS[fmt])
+                                         + body)
     return name
+
+
+def _jinja(template: str, names: dict[str, str]) -> str:
+    """A ``str.format`` template as Jinja: ``{name}`` -> ``names[name]``, literal text (and ``{{`` / ``}}``) kept."""
+    import string
+
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out.append(literal.replace("{", "{{ '{' }}").replace("}", "{{ '}' }}") if ("{" in literal or "}" in literal)
+                   else literal)
+        if field is not None:
+            out.append(names[field])
+    return "".join(out)
+
+
+def prompt_format_task(fmt: PromptFormat, n_choices: int = 4) -> str:
+    """The task-specific part of an lm-eval task YAML that renders what ``fmt`` renders for ``write_questions``'
+    records (``question``, ``choices``, ``subject``, ``label``)."""
+    from ftframe.errors import UserError
+    from ftframe.evaluation.multiple_choice import LETTERS
+
+    letter = "{{ '" + LETTERS + "'[loop.index0] }}"
+    block = "{% for c in choices %}" + _jinja(fmt.choice_line, {"letter": letter, "text": "{{ c }}"}) + "{% endfor %}"
+    text = _jinja(fmt.question, {"question": "{{ question.strip() }}", "subject": "{{ subject or '' }}",
+                                 "choices": block})
+    lines = [f"doc_to_text: {json.dumps(text)}"]
+    if fmt.description:
+        lines.append("description: " + json.dumps(_jinja(fmt.description,
+                                                            {"subject": "{{ (subject or '').replace('_', ' ') }}"})))
+    if fmt.continuation == "{text}":
+        lines.append('doc_to_choice: "{{ choices }}"')
+    elif "{text}" not in fmt.continuation:
+        lines.append("doc_to_choice: " + json.dumps([fmt.continuation.format(letter=LETTERS[i])
+                                                     for i in range(n_choices)]))
+    else:
+        raise UserError(f"prompt format {fmt.name!r}: its continuation {fmt.continuation!r} mixes {{letter}} and "
+                        "{text}; the lm-eval export takes {text} alone or a template of {letter}")
+    lines += [f"target_delimiter: {json.dumps(fmt.delimiter)}", f"fewshot_delimiter: {json.dumps(fmt.shot_separator)}"]
+    return "\n".join(lines) + "\n"
 
 
 #: records whose field names differ from those lm-eval's dataset copy uses: BoolQ is google/boolq here

@@ -33,7 +33,9 @@ __all__ = [
     "FORMATS",
     "MCQuestion",
     "PromptFormat",
+    "load_prompt_format",
     "load_questions",
+    "resolve_prompt_format",
     "sample_evenly",
     "score_multiple_choice",
     "summarize",
@@ -122,6 +124,80 @@ FORMATS: dict[str, PromptFormat] = {
     # the question is already the whole prompt (a benchmark definition rendered it, see ftframe.evaluation.benchmarks)
     "rendered": PromptFormat(name="rendered", question="{question}", continuation="{text}"),
 }
+
+
+#: the placeholders each template of a PromptFormat may use
+PLACEHOLDERS = {"question": {"question", "choices", "subject"}, "continuation": {"letter", "text"},
+                "choice_line": {"letter", "text"}, "description": {"subject"}, "delimiter": set(),
+                "shot_separator": set(), "name": set()}
+_REQUIRED = ("question", "continuation")
+
+
+def load_prompt_format(path: str | Path) -> PromptFormat:
+    """A :class:`PromptFormat` from a YAML file of its fields (``ftframe evaluate --prompt_format FILE``).
+
+    Keys: ``question`` (required; ``{question}``, ``{choices}``, ``{subject}``), ``continuation`` (required: what is
+    scored for each choice; ``{letter}``, ``{text}``), ``choice_line`` (one line of the ``{choices}`` block;
+    ``{letter}``, ``{text}``), ``description`` (before the examples; ``{subject}``, underscores as spaces),
+    ``delimiter`` (between context and continuation, lm-eval's ``target_delimiter``; default one space),
+    ``shot_separator`` (between worked examples, lm-eval's ``fewshot_delimiter``; default a blank line) and ``name``
+    (default: the file's stem). A mistake names the file and line.
+    """
+    import difflib
+    import string
+
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)
+    except OSError as e:
+        raise UserError(f"--prompt_format {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{path}: a prompt format is a mapping of {sorted(PLACEHOLDERS)} to strings")
+    fields: dict[str, str] = {}
+    for key_node, value_node in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key not in PLACEHOLDERS:
+            close = difflib.get_close_matches(key, sorted(PLACEHOLDERS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"{path}:{line}: unknown key {key!r}; {hint}the keys are {sorted(PLACEHOLDERS)}")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{line}: {key} must be a string (quote it), got {value!r}")
+        try:
+            used = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as e:
+            raise UserError(f"{path}:{line}: {key}: {e} (a literal brace is written {{{{ or }}}})") from None
+        bad = sorted(used - PLACEHOLDERS[key])
+        if bad:
+            allowed = ", ".join(f"{{{p}}}" for p in sorted(PLACEHOLDERS[key])) or "none"
+            raise UserError(f"{path}:{line}: {key} uses {', '.join(f'{{{b}}}' for b in bad)}; it may use {allowed}")
+        fields[key] = value
+    missing = [k for k in _REQUIRED if k not in fields]
+    if missing:
+        raise UserError(f"{path}: missing key(s) {missing}; a prompt format needs question and continuation")
+    if "{choices}" in fields["question"] and not fields.get("choice_line"):
+        raise UserError(f"{path}: question uses {{choices}} but no choice_line says how a choice is listed")
+    fields.setdefault("name", path.stem)
+    return PromptFormat(**fields)
+
+
+def resolve_prompt_format(value: str | PromptFormat) -> PromptFormat:
+    """A format by name (``letter``, ``continuation``, ``rendered``) or a YAML file of one (:func:`load_prompt_format`)."""
+    if isinstance(value, PromptFormat):
+        return value
+    if value in FORMATS:
+        return FORMATS[value]
+    if str(value).endswith((".yaml", ".yml")):
+        return load_prompt_format(value)
+    raise UserError(f"prompt format {value!r}: use one of {sorted(FORMATS)} or a YAML file of a PromptFormat's "
+                    "fields (see docs/evaluation.md, prompt formats from YAML)")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -307,7 +383,7 @@ def score_multiple_choice(
     ``truncate`` drops context tokens from the left (as lm-evaluation-harness does), ``skip`` leaves it out and
     counts it.
     """
-    fmt = FORMATS[prompt_format] if isinstance(prompt_format, str) else prompt_format
+    fmt = resolve_prompt_format(prompt_format)
     limit = max_length or _max_length(model, tokenizer)
     result = MCResult()
     shots = few_shot(questions, k_shot, seed)

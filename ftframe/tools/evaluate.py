@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ def evaluate(
     limit: int | None = None,
     sample: int | None = None,
     batch_size: int = 8,
-    prompt_format: Literal["letter", "continuation"] = "letter",
+    prompt_format: str = "letter",
     k_shot: int = 0,
     seed: int = 1234,
     subjects: list[str] | None = None,
@@ -61,8 +62,10 @@ def evaluate(
         sample: multiple_choice: evaluate this many questions taken at even intervals through the data (MMLU's file
             is sorted by subject, so this keeps most subjects in).
         batch_size: Items per forward pass.
-        prompt_format: multiple_choice: ``letter`` (MMLU: ``A. ..`` lines, ``Answer:``, letters scored) or
-            ``continuation`` (``Question: ..`` ``Answer:``, choice text scored).
+        prompt_format: multiple_choice: ``letter`` (MMLU: ``A. ..`` lines, ``Answer:``, letters scored),
+            ``continuation`` (``Question: ..`` ``Answer:``, choice text scored), or a YAML file of a prompt format's
+            fields (question, continuation, choice_line, description, delimiter, shot_separator), e.g.
+            ``configs/prompts/mmlu_continuation.yaml``.
         k_shot: multiple_choice: worked examples of the same subject in front of each question.
         seed: multiple_choice: seed of the few-shot draw.
         subjects: multiple_choice: only these subjects.
@@ -102,14 +105,21 @@ def evaluate(
     if suite is not None:
         return _evaluate_suite(suite, model, adapter, dtype, out, limit, batch_size)
 
-    # read and check the data before the (slow) model load
+    # read and check the data and the prompt format before the (slow) model load
+    fmt = None
+    if task == "multiple_choice":
+        from ftframe.evaluation.multiple_choice import resolve_prompt_format
+
+        fmt = resolve_prompt_format(prompt_format)
     items = load_items(opts, tokenizer=adapter or model)
     loaded = Generator(adapter=adapter, model=model, dtype=dtype)
     started = time.perf_counter()
     summary, records = score(loaded.model, loaded.tokenizer, items, opts)
     seconds = time.perf_counter() - started
     report = {"task": task, "data": data, "model": model, "adapter": adapter, "dtype": loaded.dtype, "seconds": seconds,
-              "options": {"prompt_format": prompt_format, "k_shot": k_shot, "seed": seed, "limit": limit,
+              "options": {"prompt_format": prompt_format,
+                          "prompt_format_fields": dataclasses.asdict(fmt) if fmt is not None else None,
+                          "k_shot": k_shot, "seed": seed, "limit": limit,
                           "sample": sample,
                           "split": split, "max_new_tokens": max_new_tokens, "window": window, "stride": stride},
               "results": summary}
