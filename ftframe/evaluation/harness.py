@@ -66,12 +66,14 @@ def write_lm_eval_task(folder: str | Path, fmt: str | PromptFormat, data: str | 
 
 def _jinja(template: str, names: dict[str, str]) -> str:
     """A ``str.format`` template as Jinja: ``{name}`` -> ``names[name]``, literal text (and ``{{`` / ``}}``) kept."""
+    import re
     import string
 
     out = []
     for literal, field, _, _ in string.Formatter().parse(template):
-        out.append(literal.replace("{", "{{ '{' }}").replace("}", "{{ '}' }}") if ("{" in literal or "}" in literal)
-                   else literal)
+        # one pass: a brace in literal text becomes a Jinja string expression (a second replace would rewrite the
+        # braces of the first one's output)
+        out.append(re.sub(r"[{}]", lambda m: "{{ '" + m.group() + "' }}", literal))
         if field is not None:
             out.append(names[field])
     return "".join(out)
