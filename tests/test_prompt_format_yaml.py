@@ -44,6 +44,8 @@ def test_the_example_is_lm_evals_mmlu_continuation_prompt():
     ("question: 'Q: {question}'\ncontinuation: '{text}'\ndelimiter: 3\n",
      r"f\.yaml:3: delimiter must be a string \(quote it\), got 3"),
     ("question: 'Q: {question'\ncontinuation: '{text}'\n", r"f\.yaml:1: question: .*brace"),
+    ("question: 'Q: {question}'\ncontinuation: '{text!r}'\n", r"f\.yaml:2: continuation uses \{text!r\}; .*bare"),
+    ("question: 'Q: {question.upper}'\ncontinuation: '{text}'\n", r"f\.yaml:1: question uses \{question\.upper\}"),
     ("question: '{question}\n{choices}'\ncontinuation: '{letter}'\n", r"uses \{choices\} but no choice_line"),
     ("- question\n", r"f\.yaml: a prompt format is a mapping"),
 ])
@@ -92,7 +94,9 @@ def test_the_lm_eval_export_renders_the_same_text():
     env = jinja2.Environment(keep_trailing_newline=True)  # as lm-eval renders its templates
     for fmt in (load_prompt_format(EXAMPLE), PromptFormat("p", "{question}\n{choices}Answer:", "{letter}",
                                                           choice_line="{letter}. {text}\n",
-                                                          description="About {subject}:\n")):
+                                                          description="About {subject}:\n"),
+                PromptFormat("braces", "{{{subject}}} {{%}} {{#: {question}\n{choices}Answer:", "{letter}",
+                             choice_line="{{{letter}}} {text}\n")):  # literal braces stay literal text in Jinja
         task = yaml.safe_load(prompt_format_task(fmt))
         q = _questions()[2]
         doc = {"question": q.question, "choices": list(q.choices), "subject": q.subject}

@@ -171,9 +171,15 @@ def load_prompt_format(path: str | Path) -> PromptFormat:
         if not isinstance(value, str):
             raise UserError(f"{path}:{line}: {key} must be a string (quote it), got {value!r}")
         try:
-            used = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+            parsed = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
         except ValueError as e:
             raise UserError(f"{path}:{line}: {key}: {e} (a literal brace is written {{{{ or }}}})") from None
+        # a bare {name} only: attributes, indexing, !conversions and :specs would not survive the lm-eval export
+        for f, conv, spec in parsed:
+            if conv or spec or not f.isidentifier():
+                raise UserError(f"{path}:{line}: {key} uses {{{f}{'!' + conv if conv else ''}"
+                                f"{':' + spec if spec else ''}}}; write a placeholder as a bare {{name}}")
+        used = {f for f, _, _ in parsed}
         bad = sorted(used - PLACEHOLDERS[key])
         if bad:
             allowed = ", ".join(f"{{{p}}}" for p in sorted(PLACEHOLDERS[key])) or "none"
