@@ -149,7 +149,7 @@ def two_loras(tiny_model, tiny_data, tmp_path_factory):
     rows = [json.loads(line) for line in Path(tiny_data).read_text().splitlines()]
     other.write_text("".join(json.dumps({"id": r["id"], "prompt": r["completion"], "completion": r["prompt"]}) + "\n"
                              for r in rows))
-    first = _train(tiny_model, tiny_data, root, "LoRA")
+    first = _train(tiny_model, tiny_data, root, "LoRA", "--seed_everything=1")
     second_root = root / "second"
     second = second_root / "adapter"
     main(tiny_fit_args(tiny_model, str(other), second_root, second, "--model=LoRA", "--seed_everything=7", *FAST,
@@ -292,9 +292,23 @@ def test_gate_passes_a_faithful_merge_and_records_it(trained, tiny_data, tmp_pat
     assert row["metric"] == "loss" and row["candidate"] == pytest.approx(row["compared_with"], rel=1e-5)
 
 
+def _reversed_copy(adapter: Path, out: Path, factor: float = -3.0) -> Path:
+    """A copy of a LoRA folder whose update is ``factor`` times the original's (every ``lora_B`` scaled)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    save_file({k: v * factor if "lora_B" in k else v for k, v in weights.items()}, out / "adapter_model.safetensors")
+    return out
+
+
 def test_gate_refuses_or_marks_a_combination_that_loses_a_task(two_loras, tiny_data, tmp_path):
-    """The second adapter was trained on reversed pairs: adding it costs the first task's loss."""
-    a, b = (str(p) for p in two_loras)
+    """The second adapter is the first one's update reversed and tripled: adding the two moves the base twice as far
+    the wrong way, so the combination is worse on the first task than the first adapter alone, whatever the seeds."""
+    a = str(two_loras[0])
+    b = str(_reversed_copy(two_loras[0], tmp_path / "reversed"))
     out = tmp_path / "combined"
     with pytest.raises(UserError, match=r"evaluation gate FAILED(.|\n)*nothing was written"):
         merge(adapters=[a, b], output=str(out), combination="cat", eval=loss_gate(tmp_path, tiny_data, 0.0))
@@ -304,7 +318,7 @@ def test_gate_refuses_or_marks_a_combination_that_loses_a_task(two_loras, tiny_d
     assert out.is_dir() and not report["eval_gate"]["passed"]
     (row,) = report["eval_gate"]["evaluations"]
     assert set(row["references"]) == {a, b}
-    assert row["compared_with"] == min(row["references"].values())  # the better input, for a loss
+    assert row["compared_with"] == min(row["references"].values()) == row["references"][a]  # the better input
     assert row["candidate"] > row["compared_with"]
 
 
