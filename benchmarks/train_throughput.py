@@ -461,7 +461,8 @@ def report(args: argparse.Namespace, plan: Any, peaks: dict[str, float], results
 
 def simulated() -> str:
     """The variables that make this CPU act as an older kind, if set (e.g. ``ATEN_CPU_CAPABILITY=avx2``)."""
-    return " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ)
+    return " ".join(f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                    if k in os.environ)
 
 
 def write_section(path: Path, name: str, lines: list[str]) -> None:

@@ -7,8 +7,8 @@
 * ``32-true`` on every other CPU -- on an AVX2-only CPU a bfloat16 matmul runs about 50x slower than float32.
 
 The CPU is not judged by its flags alone: a probe of well under a second times one float32 and one bfloat16 matmul
-(capability flags can be masked, e.g. ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, and then only the timing
-tells the truth). ``FTFRAME_CPU_BF16=fast`` or ``slow`` declares the answer instead of probing (the same choice on
+(capability flags can be masked, e.g. ``MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2``, and then only the timing tells the truth). ``FTFRAME_CPU_BF16=fast`` or ``slow`` declares the answer instead of probing (the same choice on
 every node of a mixed cluster; the test suite pins ``slow`` so that it runs alike on every machine kind). The
 resolution is printed once, recorded in every trained folder's ``ftframe.json`` (``device``),
 and read by training (frozen-weight dtype, QLoRA's compute dtype), ``ftframe evaluate`` / ``generate`` (``dtype:
