@@ -126,19 +126,13 @@ def main() -> None:
     out.with_suffix(".txt").write_text(text + "\n")
 
 
-def simulated() -> str:
-    """The variables that make this CPU act as an older kind, if set (e.g. ``MKL_ENABLE_INSTRUCTIONS=AVX2``)."""
-    return " ".join(f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                    if k in os.environ)
-
-
 def suite_main(args: argparse.Namespace) -> None:
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from ftframe.device import inference_dtype
+    from ftframe.device import inference_dtype, simulated_cpu
     from ftframe.evaluation import score_multiple_choice
     from ftframe.evaluation.benchmarks import benchmark, load_docs, load_suite, to_question
     from ftframe.evaluation.harness import write_lm_eval_benchmark
@@ -202,14 +196,14 @@ def suite_main(args: argparse.Namespace) -> None:
                 "model": args.model, "dtype": dtype, "rounds": args.rounds, "shots": 0},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                    "lm_eval": lm_eval.__version__, "simulated": simulated()},
+                    "lm_eval": lm_eval.__version__, "simulated": simulated_cpu()},
         "benchmarks": rows, "questions": total_q, "seconds": total,
         "questions_per_s": {k: total_q / v for k, v in total.items()},
         "ratio_ftframe_over_lm_eval": total["lm-eval"] / total["ftframe"],
     }
     lines = [f"suite `{suite.name}`: {args.limit} questions per benchmark, 0-shot, {dtype}, batch {args.batch_size}, "
              f"median of {args.rounds} round(s), {result['machine']['threads']} threads "
-             f"({result['machine']['capability']}{', simulated: ' + simulated() if simulated() else ''})", "",
+             f"({result['machine']['capability']}{', simulated: ' + simulated_cpu() if simulated_cpu() else ''})", "",
              "| benchmark | questions | ftframe q/s | lm-eval q/s | ratio | same choice |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:

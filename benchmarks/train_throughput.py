@@ -421,6 +421,8 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, plan: Any, peaks: dict[str, float], results: dict[str, list[dict[str, Any]]]) -> None:
+    from ftframe.device import simulated_cpu
+
     mem = "peak_gpu_gb" if args.device == "cuda" else "peak_rss_gb"  # on a GPU the device memory is what limits
     med = {k: {f: statistics.median(r[f] for r in runs) for f in ("tokens_per_s", mem, "loss_per_token", "mfu",
                                                                   "seconds_per_step")}
@@ -430,7 +432,7 @@ def report(args: argparse.Namespace, plan: Any, peaks: dict[str, float], results
     label = "peak GPU GB" if mem == "peak_gpu_gb" else "peak RSS GB"
     peak_text = ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items())
     lines = [f"{time.strftime('%Y-%m-%d')}, {plan.name}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
-             f"{' (simulated: ' + simulated() + ')' if simulated() else ''}; ftframe precision {plan.precision} "
+             f"{' (simulated: ' + simulated_cpu() + ')' if simulated_cpu() else ''}; ftframe precision {plan.precision} "
              f"({plan.reason}); matmul peaks measured by the script: {peak_text}. Medians over {args.rounds} "
              f"alternating rounds of {args.steps} steps x {args.batch_size} examples, the first {args.warmup} untimed; "
              f"baseline = {base or 'none'} (the faster HF run). Command: `python benchmarks/train_throughput.py "
@@ -457,12 +459,6 @@ def report(args: argparse.Namespace, plan: Any, peaks: dict[str, float], results
                                                "matmul_peak_flops": peaks, "baseline": base, "medians": med,
                                                "runs": results}, indent=1))
         print(f"\nwrote {args.json}")
-
-
-def simulated() -> str:
-    """The variables that make this CPU act as an older kind, if set (e.g. ``ATEN_CPU_CAPABILITY=avx2``)."""
-    return " ".join(f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                    if k in os.environ)
 
 
 def write_section(path: Path, name: str, lines: list[str]) -> None:

@@ -7,9 +7,9 @@
 * ``32-true`` on every other CPU -- on an AVX2-only CPU a bfloat16 matmul runs about 50x slower than float32.
 
 The CPU is not judged by its flags alone: a probe of well under a second times one float32 and one bfloat16 matmul
-(capability flags can be masked, e.g. ``MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
-ONEDNN_MAX_CPU_ISA=AVX2``, and then only the timing tells the truth). ``FTFRAME_CPU_BF16=fast`` or ``slow`` declares the answer instead of probing (the same choice on
-every node of a mixed cluster; the test suite pins ``slow`` so that it runs alike on every machine kind). The
+(capability flags can be masked -- see :data:`CPU_SIMULATION_VARIABLES` -- and then only the timing tells the
+truth). ``FTFRAME_CPU_BF16=fast`` or ``slow`` declares the answer instead of probing (the same choice on every node
+of a mixed cluster; the test suite pins ``slow`` so that it runs alike on every machine kind). The
 resolution is printed once, recorded in every trained folder's ``ftframe.json`` (``device``),
 and read by training (frozen-weight dtype, QLoRA's compute dtype), ``ftframe evaluate`` / ``generate`` (``dtype:
 auto``), the forgetting monitor (it runs inside the Trainer's precision) and the benchmarks. An explicit precision or
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Trainer as LightningTrainer
 
-__all__ = ["CPU_BF16_ENV", "DevicePlan", "Trainer", "cpu_16bit_speed", "cpu_matmul_speed", "inference_dtype", "is_rank_zero", "plan_for",
+__all__ = ["CPU_BF16_ENV", "CPU_SIMULATION_VARIABLES", "DevicePlan", "Trainer", "cpu_16bit_speed", "cpu_matmul_speed", "inference_dtype", "is_rank_zero", "plan_for", "simulated_cpu",
            "resolve_precision"]
 
 #: What ``precision`` accepts in ftframe: Lightning's values plus ``auto``.
@@ -73,6 +73,17 @@ class DevicePlan:
 
 
 # ------------------------------------------------------------------------------------------------------ the probe
+#: what makes a newer x86 CPU act as an AVX2-only one, all three needed: ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (float32
+#: matmuls go through MKL, which picks its own instruction set), ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own
+#: kernels) and ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN, bfloat16 matmuls)
+CPU_SIMULATION_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def simulated_cpu() -> str:
+    """The :data:`CPU_SIMULATION_VARIABLES` set in this process, as ``NAME=value`` words ('' when none)."""
+    return " ".join(f"{k}={os.environ[k]}" for k in CPU_SIMULATION_VARIABLES if k in os.environ)
+
+
 def _best_seconds(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
     a @ b  # first call: kernel selection / packing
     best = float("inf")
