@@ -4,7 +4,9 @@ A packed batch (built by :class:`ftframe.data.collate.PackCollator`) has shape `
 ``position_ids`` that restart at 0 for every example plus ``cu_seq_lens`` (the example boundaries, as in
 flash-attention's variable-length API). Positions alone are not enough to keep examples apart in every attention
 backend, so ftframe registers its own attention implementation, ``ftframe_varlen``, with ``transformers``: it runs
-causal attention separately on each example's span and behaves exactly like ``sdpa`` on ordinary batches. Models
+causal attention separately on each example's span and behaves exactly like ``sdpa`` on ordinary batches (a span
+may instead carry its own boolean mask: multiple-choice scoring feeds a question's choices as branches of a token
+tree that way, :func:`packed_forward`). Models
 that do not route attention through ``transformers``' attention interface get the batch unpacked to padded form
 instead (:func:`unpack`), so packing is never wrong, only sometimes not faster.
 """
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "ATTENTION", "STEP_TOKENS", "batch_examples", "enable_varlen_attention", "is_packed", "packed_forward",
-    "packing_mode", "supervised_tokens", "token_lengths", "unpack", "varlen_attention", "varlen_kwargs",
+    "packing_mode", "supervised_tokens", "token_lengths", "unpack", "varlen_attention", "varlen_attention_scope",
+    "varlen_kwargs",
 ]
 
 ATTENTION = "ftframe_varlen"
@@ -32,6 +35,9 @@ _VARLEN_NATIVE = {ATTENTION, "flash_attention_2", "flash_attention_3"}
 _PACKED: contextvars.ContextVar[bool] = contextvars.ContextVar("ftframe_packed", default=False)
 # the example boundaries during a packed forward pass (token_lengths() derives NEFTune's per-token scale from them)
 _BOUNDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("ftframe_bounds", default=None)
+# per span, a (length, length) boolean mask (True: may attend) in place of the causal one; None: causal
+_SPAN_MASKS: contextvars.ContextVar[list[torch.Tensor | None] | None] = contextvars.ContextVar("ftframe_span_masks",
+                                                                                              default=None)
 _registered = False
 
 
@@ -88,7 +94,8 @@ def varlen_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """``sdpa``, except that with ``cu_seq_lens_q`` each example's span attends causally to itself only.
+    """``sdpa``, except that with ``cu_seq_lens_q`` each example's span attends causally to itself only (or, inside
+    :func:`packed_forward` with ``span_masks``, as its own mask allows).
 
     ``query`` is ``(1, heads, tokens, head_dim)``; ``key``/``value`` may have fewer (grouped) heads. Returns the
     output as ``(1, tokens, heads, head_dim)``, the layout ``transformers`` expects from attention functions.
@@ -103,10 +110,13 @@ def varlen_attention(
         raise ValueError(f"a packed batch has one row, got query of shape {tuple(query.shape)}")
     groups = query.shape[1] // key.shape[1]
     edges = bounds.tolist()
+    masks = _SPAN_MASKS.get() or [None] * (len(edges) - 1)
+    if len(masks) != len(edges) - 1:
+        raise ValueError(f"{len(masks)} span masks for {len(edges) - 1} spans")
     out = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
-        for s, e in zip(edges[:-1], edges[1:], strict=True)
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=m,
+                                       is_causal=m is None, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
+        for s, e, m in zip(edges[:-1], edges[1:], masks, strict=True)
     ]
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
@@ -127,6 +137,26 @@ def enable_varlen_attention(model: torch.nn.Module) -> bool:
     return getattr(model.config, "_attn_implementation", None) == ATTENTION
 
 
+@contextmanager
+def varlen_attention_scope(model: torch.nn.Module) -> Iterator[bool]:
+    """Run a ``transformers`` model on ``ftframe_varlen`` attention for a while (from ``sdpa`` or ``eager``), then
+    put its attention implementation back. Yields whether the model is on ``ftframe_varlen``."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl == ATTENTION:
+        yield True
+        return
+    if impl not in ("sdpa", "eager") or not getattr(model, "_supports_attention_backend", False):
+        yield False
+        return
+    _register()
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield getattr(model.config, "_attn_implementation", None) == ATTENTION
+    finally:
+        model.set_attn_implementation(impl)
+
+
 def packing_mode(model: torch.nn.Module) -> str:
     """``varlen`` (boundaries passed to attention), or ``unpack`` (the model cannot isolate packed examples)."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -134,12 +164,18 @@ def packing_mode(model: torch.nn.Module) -> str:
 
 
 @contextmanager
-def packed_forward(cu_seq_lens: torch.Tensor | None = None) -> Iterator[None]:
-    """Mark a packed forward pass; with ``cu_seq_lens``, :func:`token_lengths` gives each token's example length."""
-    token, token_b = _PACKED.set(True), _BOUNDS.set(cu_seq_lens)
+def packed_forward(cu_seq_lens: torch.Tensor | None = None,
+                   span_masks: list[torch.Tensor | None] | None = None) -> Iterator[None]:
+    """Mark a packed forward pass; with ``cu_seq_lens``, :func:`token_lengths` gives each token's example length.
+
+    ``span_masks`` (one per span, ``None`` for causal) replaces a span's causal mask with its own ``(length, length)``
+    boolean one, for ``ftframe_varlen`` attention.
+    """
+    token, token_b, token_m = _PACKED.set(True), _BOUNDS.set(cu_seq_lens), _SPAN_MASKS.set(span_masks)
     try:
         yield
     finally:
+        _SPAN_MASKS.reset(token_m)
         _BOUNDS.reset(token_b)
         _PACKED.reset(token)
 

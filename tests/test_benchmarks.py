@@ -91,23 +91,24 @@ def test_missing_asset_and_missing_data_say_what_to_do(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-@pytest.fixture(params=["packed-sdpa", "packed-eager", "padded"])
+@pytest.fixture(params=["tree-sdpa", "tree-eager", "padded"])
 def scoring_path(request, tiny, monkeypatch):
-    """The tiny model on each scoring path: packed rows under sdpa's boolean and eager's additive masks, and the
-    left-padded path that models without a 4D-mask attention take."""
+    """The tiny model on each scoring path: the one-pass token trees (from a model on sdpa or on eager attention,
+    both switched to ftframe_varlen for the call), and the left-padded cached path that models whose attention
+    cannot take trees keep."""
     from ftframe.evaluation import multiple_choice
 
     model, tok = tiny
-    model.set_attn_implementation("eager" if request.param == "packed-eager" else "sdpa")
+    impl = "eager" if request.param == "tree-eager" else "sdpa"
+    model.set_attn_implementation(impl)
     if request.param == "padded":
-        monkeypatch.setattr(multiple_choice, "_packable", lambda *_: False)
-    else:
-        monkeypatch.setattr(multiple_choice, "_pack_pays", lambda *_: True)
+        monkeypatch.setattr(multiple_choice, "_segmentable", lambda *_: False)
     calls = []
-    packed = multiple_choice._score_packed
-    monkeypatch.setattr(multiple_choice, "_score_packed", lambda *a: calls.append(1) or packed(*a))
+    tree = multiple_choice._score_segments
+    monkeypatch.setattr(multiple_choice, "_score_segments", lambda *a: calls.append(1) or tree(*a))
     yield model, tok
-    assert bool(calls) == request.param.startswith("packed")  # the path under test is the path taken
+    assert bool(calls) == request.param.startswith("tree")  # the path under test is the path taken
+    assert model.config._attn_implementation == impl  # put back after scoring
     model.set_attn_implementation("sdpa")
 
 
@@ -124,13 +125,9 @@ def test_partial_scoring_scores_the_shared_continuation_after_each_choice(scorin
             assert rec["pred"] == max(range(2), key=lambda i: expected[i])
 
 
-@pytest.mark.parametrize("pack_tokens", [512, 24])
-def test_choices_of_very_different_lengths_score_as_a_plain_forward(scoring_path, pack_tokens, monkeypatch):
-    """Padded rows of the cached pass are grouped by length, packed rows hold several questions (with 24 tokens,
-    one question a row, some rows padded): every way must give the plain per-choice numbers."""
-    from ftframe.evaluation import multiple_choice
-
-    monkeypatch.setattr(multiple_choice, "PACK_TOKENS", pack_tokens)
+def test_choices_of_very_different_lengths_score_as_a_plain_forward(scoring_path):
+    """Padded rows of the cached pass are grouped by length, trees of very different sizes share a row: every way
+    must give the plain per-choice numbers."""
     model, tok = scoring_path
     choices = ("no", "a somewhat longer answer here", "word " * 30, "an answer of middling length, yes", "x " * 12)
     qs = [MCQuestion(f"l{i}", "Question: what now" + "?" * i * 7, choices, i % 5) for i in range(5)]
@@ -140,26 +137,35 @@ def test_choices_of_very_different_lengths_score_as_a_plain_forward(scoring_path
         assert rec["loglikelihoods"] == pytest.approx([_naive(model, tok, ctx, " " + c) for c in q.choices], abs=2e-4)
 
 
-def test_questions_pack_into_few_rows(monkeypatch):
-    from ftframe.evaluation import multiple_choice
-    from ftframe.evaluation.multiple_choice import _Item, _pack_rows
+def test_choices_that_begin_alike_share_their_first_tokens_and_score_as_a_plain_forward(scoring_path):
+    """Choices with a common beginning are one branch until they part (fed once), and each still gets exactly its
+    plain forward's log-likelihood; a choice that is a prefix of another is scored to its own end."""
+    model, tok = scoring_path
+    choices = ("the red cat sat down", "the red cat ran off", "the red dog", "the red", "a blue bird")
+    qs = [MCQuestion(f"s{i}", "Which one" + "?" * (i + 1), choices, i % 5) for i in range(3)]
+    records = score_multiple_choice(model, tok, qs, FORMATS["continuation"], batch_size=3, progress=False).records
+    for q, rec in zip(qs, records, strict=True):
+        ctx = FORMATS["continuation"].context(q)
+        assert rec["loglikelihoods"] == pytest.approx([_naive(model, tok, ctx, " " + c) for c in q.choices], abs=2e-4)
 
-    monkeypatch.setattr(multiple_choice, "PACK_TOKENS", 512)
 
-    items = [_Item(i, [1] * n, [[2, 3, 4]] * 4, [0] * 4, [3] * 4) for i, n in enumerate([100, 300, 50, 400, 20])]
-    rows = _pack_rows(items)  # costs 108, 308, 58, 408, 28 tokens into rows of 512
-    assert sorted(sorted(r) for r in rows) == [[0, 1], [2, 3, 4]]  # first fit, longest first
-    assert [len(r) for r in _pack_rows([_Item(0, [1] * 900, [[2, 3]], [0], [2])])] == [1]  # longer than a row
+def test_a_token_tree_feeds_common_beginnings_once():
+    from ftframe.evaluation.multiple_choice import _Item, _token_tree, _tree_mask
 
-
-def test_packing_is_chosen_where_padding_would_cost_more():
-    from ftframe.evaluation.multiple_choice import _Item, _pack_pays
-
-    even = [_Item(i, [1] * 150, [[2], [3]], [0, 0], [1, 1]) for i in range(8)]  # BoolQ-like: nothing to unpad
-    assert not _pack_pays(even)
-    ragged = [_Item(i, [1] * (10 + 12 * i), [[2] * (1 + 9 * (j % 3)) for j in range(4)], [0] * 4, [1] * 4)
-              for i in range(8)]  # ARC-like: contexts and choices of many lengths
-    assert _pack_pays(ragged)
+    # prefix [1, 2]; choices [5, 6, 7], [5, 6, 8, 9], [5, 3], [4]: the last token of each is only predicted
+    it = _Item(0, [1, 2], [[5, 6, 7], [5, 6, 8, 9], [5, 3], [4]], [0, 0, 0, 0], [3, 4, 2, 1])
+    tokens, parents, predictors = _token_tree(it)
+    assert tokens == [1, 2, 5, 6, 8]  # 5 and 6 once, 8 for the second choice; 7, 9, 3 and 4 never fed
+    assert parents == [-1, 0, 1, 2, 3]
+    assert predictors == [[1, 2, 3], [1, 2, 3, 4], [1, 2], [1]]
+    mask = _tree_mask(parents, chain=2)
+    assert mask.tolist() == [[j <= i for j in range(5)] for i in range(5)]  # here one path: causal
+    it2 = _Item(0, [1], [[5, 6, 0], [7, 8, 0]], [0, 0], [3, 3])
+    tokens, parents, _ = _token_tree(it2)
+    assert tokens == [1, 5, 6, 7, 8] and parents == [-1, 0, 1, 0, 3]
+    allowed = _tree_mask(parents, chain=1)
+    assert allowed[4].tolist() == [True, False, False, True, True]  # 8 sees the root, 7 and itself, not 5 or 6
+    assert _tree_mask([-1, 0, 1], chain=3) is None  # a plain chain: causal attention
 
 
 def test_mc2_is_the_probability_mass_of_the_true_answers():

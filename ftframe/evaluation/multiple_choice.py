@@ -7,9 +7,10 @@ sum of the log-probabilities of its continuation tokens given the context; ``acc
 spaces of the context move to the continuation, the continuation's tokens are those of ``context + continuation``
 after the context's own tokens, and the tokenizer's default special tokens are used.
 
-The context is encoded once per question: one forward pass over the (left-padded) contexts of a batch of questions
-gives every choice's first token; choices longer than one token are then run for all choices at once on top of the
-contexts' key/value cache.
+A batch of questions is scored in one forward pass without padding: each question is a token tree (its shared
+context, then every choice as a branch; choices that begin alike share those tokens) and the trees are spans of one
+row, attention kept within each span along the tree's paths. Models whose attention cannot take that run the padded
+path: one pass over the left-padded contexts, then the choices on top of their key/value cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import math
 import random
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -425,7 +427,11 @@ def score_multiple_choice(
     bar = progress_bar(total=len(items), desc="[ftframe] multiple choice", unit="question", disable=not progress)
     scores: dict[int, tuple[list[float], list[bool]]] = {}
     try:
-        with scoring_mode(model) as device:
+        from ftframe.models import transformers_model
+        from ftframe.packing import varlen_attention_scope
+
+        attention = nullcontext() if _uses_prompt_learning(model) else varlen_attention_scope(transformers_model(model))
+        with scoring_mode(model) as device, attention:
             # longest questions first: similar lengths share a batch (less padding), and memory problems show at once
             order = sorted(items, key=lambda it: -(len(it.prefix) + max(len(r) for r in it.rests)))
             for start in range(0, len(order), batch_size):
@@ -498,8 +504,8 @@ def _score_batch(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
                  device: torch.device) -> list[tuple[list[float], list[bool]]]:
     if _uses_prompt_learning(model) or any(not it.prefix for it in batch):
         return _score_full_sequences(model, batch, tokenizer, device)
-    if _packable(model, batch) and _pack_pays(batch):
-        return _score_packed(model, batch, tokenizer, device)
+    if _segmentable(model, batch):
+        return _score_segments(model, batch, tokenizer, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # 1. shared prefixes, left-padded: the last column is every question's last shared token
     t = max(len(it.prefix) for it in batch)
@@ -572,150 +578,103 @@ def _score_rests(model: torch.nn.Module, batch: list[_Item], rows: list[tuple[in
         results[r][1][j] = results[r][1][j] and bool((lp.argmax(-1) == tgt).all())
 
 
-#: a packed row holds questions up to this many tokens (prefixes + choices), more when one question is longer:
-#: attention over a packed row grows with its square (256 was the fastest of 128 / 256 / 512 on ARC, HellaSwag
-#: and PIQA)
-PACK_TOKENS = 256
-
-
-def _packable(model: torch.nn.Module, batch: list[_Item]) -> bool:
-    """Packing needs a custom 4D attention mask (transformers' sdpa and eager attention take one as it is), position
-    ids and ``logits_to_keep``; and no sliding window shorter than a packed row."""
+def _segmentable(model: torch.nn.Module, batch: list[_Item]) -> bool:
+    """The one-pass tree path needs ``ftframe_varlen`` attention (switched on for the scoring call), position ids and
+    ``logits_to_keep``, no attention-logit soft-capping, and no sliding window shorter than a question's tree."""
     from ftframe.models import transformers_model
+    from ftframe.packing import ATTENTION
 
     config = getattr(transformers_model(model), "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if getattr(config, "_attn_implementation", None) != ATTENTION:
+        return False
+    if getattr(config, "attn_logit_softcapping", None) is not None:
         return False
     window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and getattr(config, "use_sliding_window", True) and window < 2 * PACK_TOKENS:
+    longest = max(len(it.prefix) + sum(len(r) for r in it.rests) for it in batch)
+    if isinstance(window, int) and getattr(config, "use_sliding_window", True) and window < longest:
         return False
     return _accepts(model, "logits_to_keep") and _accepts(model, "position_ids")
 
 
-#: a token's cost in the layers' matmuls, in (query, key) pairs of attention: measured on CPU in float32 with the
-#: default model (packing BoolQ's ~150-token passages into rows of 512 and 1024 tokens cost 20% and 50% more than
-#: one passage a row)
-TOKEN_COST_IN_ATTENTION_PAIRS = 2000
+def _token_tree(it: _Item) -> tuple[list[int], list[int], list[list[int]]]:
+    """A question as one token tree: the shared prefix, then every choice's tokens (all but the last, which is only
+    predicted) as a branch; choices that begin alike share those nodes. Returns the nodes' tokens, their parents
+    (-1 for the root) and, per choice, the node that predicts each of its rest tokens."""
+    tokens = list(it.prefix)
+    parents = list(range(-1, len(tokens) - 1))
+    child: dict[tuple[int, int], int] = {}
+    predictors = []
+    for rest in it.rests:
+        node = len(it.prefix) - 1
+        path = [node]  # path[i] predicts rest[i]
+        for t in rest[:-1]:
+            nxt = child.get((node, t))
+            if nxt is None:
+                nxt = child[(node, t)] = len(tokens)
+                tokens.append(t)
+                parents.append(node)
+            node = nxt
+            path.append(node)
+        predictors.append(path)
+    return tokens, parents, predictors
 
 
-def _pack_pays(batch: list[_Item]) -> bool:
-    """Packing drops the padding but attends over longer rows: pack when its estimated cost is the lower one."""
-    a = TOKEN_COST_IN_ATTENTION_PAIRS
-    t1 = max(len(it.prefix) for it in batch)
-    padded = len(batch) * (t1 + t1 * t1 / a)
-    for group in _length_groups(batch):
-        m = max(len(batch[r].rests[j]) - 1 for r, j in group)
-        padded += len(group) * (m + m * (t1 + m) / a)
-    rows = _pack_rows(batch)
-    l1 = max(sum(len(batch[r].prefix) for r in row) for row in rows)
-    l2 = max(sum(len(rest) - 1 for r in row for rest in batch[r].rests if len(rest) > 1) for row in rows)
-    return len(rows) * (l1 + l2 + (l1 * l1 + l2 * (l1 + l2)) / a) < padded
+def _tree_mask(parents: list[int], chain: int) -> torch.Tensor | None:
+    """``(n, n)`` booleans: node i attends to node k when k is i or one of its ancestors. ``None`` when the tree is
+    a plain chain (causal attention)."""
+    n = len(parents)
+    if n == chain:
+        return None
+    allowed = torch.ones(n, n, dtype=torch.bool).tril_()
+    allowed[chain:] = False
+    for i in range(chain, n):  # parents come before their children
+        allowed[i] = allowed[parents[i]]
+        allowed[i, i] = True
+    return allowed
 
 
-def _pack_rows(batch: list[_Item]) -> list[list[int]]:
-    """First-fit decreasing of the batch's questions into rows of about PACK_TOKENS tokens each."""
-    cost = [len(it.prefix) + sum(len(r) - 1 for r in it.rests) for it in batch]
-    capacity = max(PACK_TOKENS, *cost)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for r in sorted(range(len(batch)), key=lambda r: -cost[r]):
-        for b, left in enumerate(room):
-            if cost[r] <= left:
-                rows[b].append(r)
-                room[b] -= cost[r]
-                break
-        else:
-            rows.append([r])
-            room.append(capacity - cost[r])
-    return rows
+def _score_segments(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
+                    device: torch.device) -> list[tuple[list[float], list[bool]]]:
+    """One forward pass for the whole batch, without padding: every question's token tree (:func:`_token_tree`) is
+    a span of a single row, positions counting depth in the tree, attention within the span along the tree's paths
+    (``ftframe_varlen``). Each token is run once, choices' common beginnings too, and the output layer runs only
+    where a scored token is predicted."""
+    from ftframe.packing import packed_forward
 
-
-def _attention_mask(allowed: torch.Tensor, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """(B, Q, K) booleans -> the 4D mask the model's attention takes: booleans for sdpa, additive for eager."""
-    from ftframe.models import transformers_model
-
-    allowed = allowed[:, None].to(device)
-    if transformers_model(model).config._attn_implementation == "sdpa":
-        return allowed
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _score_packed(model: torch.nn.Module, batch: list[_Item], tokenizer: Any,
-                  device: torch.device) -> list[tuple[list[float], list[bool]]]:
-    """The cached path without padding: several questions' prefixes share one row (a block-diagonal causal mask,
-    positions restarting per question), then every choice of those questions shares a second row on top of that
-    row's cache, each choice seeing its own question's prefix and itself. Logits only where a token is scored."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = _pack_rows(batch)
-    # 1. prefixes
-    l1 = max(sum(len(batch[r].prefix) for r in row) for row in rows)
-    ids = torch.full((len(rows), l1), pad, dtype=torch.long)
-    pos = torch.zeros((len(rows), l1), dtype=torch.long)
-    seq = torch.full((len(rows), l1), -1, dtype=torch.long)  # the question each column holds; -1: padding
-    last: dict[int, tuple[int, int]] = {}  # question -> (row, column of its last prefix token)
-    for b, row in enumerate(rows):
-        at = 0
-        for r in row:
-            n = len(batch[r].prefix)
-            ids[b, at:at + n] = torch.tensor(batch[r].prefix)
-            pos[b, at:at + n] = torch.arange(n)
-            seq[b, at:at + n] = r
-            last[r] = (b, at + n - 1)
-            at += n
-    eye1 = torch.eye(l1, dtype=torch.bool)[None]
-    allowed = ((seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
-               & (pos[:, :, None] >= pos[:, None, :])) | eye1  # padding sees itself: no row is all masked
-    keep = sorted({c for _, c in last.values()})
-    out = model(input_ids=ids.to(device), attention_mask=_attention_mask(allowed, model, device),
-                position_ids=pos.to(device), use_cache=True, logits_to_keep=torch.tensor(keep, device=device))
-    first = F.log_softmax(out.logits.float(), dim=-1)  # (B, len(keep), V)
-    column = {c: k for k, c in enumerate(keep)}
-    results: list[tuple[list[float], list[bool]]] = []
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds = [0]
+    masks: list[torch.Tensor | None] = []
+    wanted: list[tuple[int, int, int, int]] = []  # (question, choice, row column predicting the token, token)
     for r, it in enumerate(batch):
-        b, c = last[r]
-        lp = first[b, column[c]]
-        top = int(lp.argmax())
-        results.append(([float(lp[rest[0]]) if off == 0 else 0.0 for rest, off in zip(it.rests, it.offsets, strict=True)],
-                        [rest[0] == top or off > 0 for rest, off in zip(it.rests, it.offsets, strict=True)]))
-    # 2. every choice longer than one token, after its question's prefix in the same row
-    pieces = [[(r, j) for r in row for j, rest in enumerate(batch[r].rests) if len(rest) > 1] for row in rows]
-    if not any(pieces):
-        return results
-    l2 = max(sum(len(batch[r].rests[j]) - 1 for r, j in row) for row in pieces)
-    ids2 = torch.full((len(rows), l2), pad, dtype=torch.long)
-    pos2 = torch.zeros((len(rows), l2), dtype=torch.long)
-    seq2 = torch.full((len(rows), l2), -2, dtype=torch.long)  # the question; -2 padding (sees no prefix)
-    piece = torch.full((len(rows), l2), -1, dtype=torch.long)  # which choice of the row; -1 padding
-    scored: list[tuple[int, int, int, int, list[int]]] = []  # (question, choice, row, first column, targets)
-    for b, row in enumerate(pieces):
-        at = 0
-        for k, (r, j) in enumerate(row):
-            rest, n = batch[r].rests[j], len(batch[r].rests[j]) - 1
-            ids2[b, at:at + n] = torch.tensor(rest[:-1])  # the last token is only predicted, never fed
-            pos2[b, at:at + n] = len(batch[r].prefix) + torch.arange(n)
-            seq2[b, at:at + n] = r
-            piece[b, at:at + n] = k
-            start = max(batch[r].offsets[j] - 1, 0)  # column at + i predicts rest[i + 1]
-            scored.append((r, j, b, at + start, rest[1 + start:]))
-            at += n
-    idx2 = torch.arange(l2)
-    own = (piece[:, :, None] == piece[:, None, :]) & (idx2[None, :, None] >= idx2[None, None, :])
-    own |= torch.eye(l2, dtype=torch.bool)[None]
-    allowed2 = torch.cat([seq2[:, :, None] == seq[:, None, :], own], dim=2)  # (B, l2, l1 + l2)
-    keep2 = sorted({c + i for _, _, _, c, targets in scored for i in range(len(targets))})
-    logits = model(input_ids=ids2.to(device), attention_mask=_attention_mask(allowed2, model, device),
-                   position_ids=pos2.to(device), use_cache=True, **_cache_kwarg(model, _cache_of(out)),
-                   logits_to_keep=torch.tensor(keep2, device=device)).logits.float()
-    logprobs = F.log_softmax(logits, dim=-1)  # (B, len(keep2), V)
-    column2 = {c: k for k, c in enumerate(keep2)}
-    for r, j, b, c, targets in scored:
-        cols = torch.tensor([column2[c + i] for i in range(len(targets))], device=device)
-        lp = logprobs[b, cols]
-        tgt = torch.tensor(targets, device=device)
-        results[r][0][j] += float(lp.gather(-1, tgt[:, None]).sum())
-        results[r][1][j] = results[r][1][j] and bool((lp.argmax(-1) == tgt).all())
+        tokens, parents, predictors = _token_tree(it)
+        depth = list(range(len(it.prefix)))
+        for p in parents[len(it.prefix):]:
+            depth.append(depth[p] + 1)
+        base = len(ids)
+        ids += tokens
+        positions += depth
+        bounds.append(len(ids))
+        masks.append(_tree_mask(parents, len(it.prefix)))
+        for j, (rest, path) in enumerate(zip(it.rests, predictors, strict=True)):
+            wanted += [(r, j, base + path[i], rest[i]) for i in range(it.offsets[j], len(rest))]
+    keep = sorted({c for _, _, c, _ in wanted})
+    column = {c: k for k, c in enumerate(keep)}
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    with packed_forward(cu, [m if m is None else m.to(device) for m in masks]):
+        logits = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions],
+                       device=device), use_cache=False, logits_to_keep=torch.tensor(keep, device=device),
+                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).logits[0]
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (kept columns, V)
+    cols = torch.tensor([column[c] for _, _, c, _ in wanted], device=device)
+    targets = torch.tensor([t for _, _, _, t in wanted], device=device)
+    values = logprobs[cols, targets].tolist()
+    hits = (logprobs.argmax(-1)[cols] == targets).tolist()
+    results = [([0.0] * len(it.rests), [True] * len(it.rests)) for it in batch]
+    for (r, j, _, _), v, hit in zip(wanted, values, hits, strict=True):
+        results[r][0][j] += v
+        results[r][1][j] = results[r][1][j] and hit
     return results
 
 
